@@ -1,0 +1,74 @@
+"""Bounded concurrent scoring: at most ``max_workers`` scorings (sandboxes) at a time."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+from actors.verifiers import Score, Verifier
+from actors.verifiers.code import CodeResult, run_tests
+
+
+class ScoringPool:
+    """Scores completions with one verifier on a bounded pool of worker threads.
+
+    Each code scoring is a sandboxed subprocess, so threads give real concurrency while the
+    number of live sandboxes never exceeds ``max_workers``. ``submit`` returns at once, so
+    scoring overlaps with decoding. A verifier that raises yields a zero-reward score with
+    outcome ``error``; the pool keeps going.
+    """
+
+    def __init__(self, verifier: Verifier, max_workers: int = 2) -> None:
+        if max_workers < 1:
+            raise ValueError(f"max_workers must be >= 1, got {max_workers}")
+        self.verifier = verifier
+        self.max_workers = max_workers
+        self._executor = ThreadPoolExecutor(max_workers, thread_name_prefix="embr-score")
+        self._lock = threading.Lock()
+        self._active = 0
+        self.peak_active = 0
+
+    def _score(self, completion: str, reference: Mapping[str, Any]) -> Score:
+        with self._lock:
+            self._active += 1
+            self.peak_active = max(self.peak_active, self._active)
+        try:
+            return self.verifier.score(completion, reference)
+        except Exception as exc:  # the pool must outlive any one bad sample
+            return Score(0.0, {}, "error", {"message": f"{type(exc).__name__}: {exc}"})
+        finally:
+            with self._lock:
+                self._active -= 1
+
+    def submit(self, completion: str, reference: Mapping[str, Any]) -> Future[Score]:
+        """Schedule one scoring; the future holds its :class:`Score`."""
+        return self._executor.submit(self._score, completion, reference)
+
+    def score_many(self, items: Iterable[tuple[str, Mapping[str, Any]]]) -> list[Score]:
+        """Score ``(completion, reference)`` pairs concurrently; results in input order."""
+        futures = [self.submit(c, r) for c, r in items]
+        return [f.result() for f in futures]
+
+    def close(self) -> None:
+        """Wait for running scorings and stop the worker threads."""
+        self._executor.shutdown(wait=True)
+
+    def __enter__(self) -> ScoringPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def run_many(
+    jobs: Sequence[tuple[str, str, str]], max_workers: int = 2, **kwargs: Any
+) -> list[CodeResult]:
+    """:func:`run_tests` over ``(program, test, entry_point)`` jobs, at most ``max_workers``
+    sandboxes at a time; ``kwargs`` go to ``run_tests``. Results in input order."""
+    if max_workers < 1:
+        raise ValueError(f"max_workers must be >= 1, got {max_workers}")
+    with ThreadPoolExecutor(max_workers, thread_name_prefix="embr-sandbox") as ex:
+        futures = [ex.submit(run_tests, p, t, e, **kwargs) for p, t, e in jobs]
+        return [f.result() for f in futures]

@@ -1,0 +1,119 @@
+"""Named reward presets for math answers: ``correct_only``, ``d1_gsm8k``, ``d1_math``.
+
+The d1 presets follow the structure of d1's reward sets (correctness worth 2.0 plus small
+format terms for the ``<reasoning>``/``<answer>`` layout); every term is reported as its
+own component so runs can see which part of the reward moved.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from actors.verifiers.math import DEFAULT_TIMEOUT_S, extract_answer, is_equivalent, to_number
+
+CORRECT_REWARD = 2.0
+
+
+@dataclass(frozen=True)
+class RewardResult:
+    """Total reward, its named components (summing to ``total``), and what was extracted."""
+
+    total: float
+    components: dict[str, float] = field(default_factory=dict)
+    correct: bool = False
+    extracted: str | None = None
+
+
+RewardFn = Callable[[str, str], RewardResult]
+
+_ANSWER_BLOCK = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+_STRICT = re.compile(r"^<reasoning>\n.*?\n</reasoning>\n<answer>\n.*?\n</answer>\n?$", re.DOTALL)
+_SOFT = re.compile(r"<reasoning>.*?</reasoning>\s*<answer>.*?</answer>", re.DOTALL)
+
+
+def _answer_of(completion: str) -> str | None:
+    """The answer a d1-format completion gives: inside ``<answer>`` first, else anywhere."""
+    blocks = _ANSWER_BLOCK.findall(completion)
+    if blocks:
+        inner = extract_answer(blocks[-1])
+        return inner if inner is not None else (blocks[-1].strip() or None)
+    return extract_answer(completion)
+
+
+def _correct(answer: str | None, gold: str, timeout_s: float) -> bool:
+    return answer is not None and is_equivalent(answer, gold, timeout_s)
+
+
+def _tag_score(completion: str) -> float:
+    """0.125 per layout tag that appears exactly once on its own line, less 0.001 per
+    character left after ``</answer>`` (at most the whole term)."""
+    score = 0.0
+    for tag in ("<reasoning>\n", "\n</reasoning>\n", "\n<answer>\n", "\n</answer>"):
+        if completion.count(tag) == 1:
+            score += 0.125
+    if "</answer>" in completion:
+        trailing = completion.split("</answer>")[-1].strip()
+        score -= min(0.001 * len(trailing), score)
+    return score
+
+
+def correct_only(completion: str, gold: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> RewardResult:
+    """1.0 when the extracted answer is equivalent to ``gold``, else 0.0."""
+    if not isinstance(completion, str) or not isinstance(gold, str):
+        return RewardResult(0.0, {"correct": 0.0})
+    answer = extract_answer(completion)
+    ok = _correct(answer, gold, timeout_s)
+    return RewardResult(float(ok), {"correct": float(ok)}, ok, answer)
+
+
+def d1_gsm8k(completion: str, gold: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> RewardResult:
+    """Correctness 2.0, integer answer 0.5, strict layout 0.5, soft layout 0.5, tags 0.5."""
+    if not isinstance(completion, str) or not isinstance(gold, str):
+        return RewardResult(
+            0.0, dict.fromkeys(("correct", "integer", "strict_format", "soft_format", "tags"), 0.0)
+        )
+    answer = _answer_of(completion)
+    ok = _correct(answer, gold, timeout_s)
+    value = to_number(answer) if answer is not None else None
+    parts = {
+        "correct": CORRECT_REWARD if ok else 0.0,
+        "integer": 0.5 if value is not None and value.denominator == 1 else 0.0,
+        "strict_format": 0.5 if _STRICT.match(completion) else 0.0,
+        "soft_format": 0.5 if _SOFT.search(completion) else 0.0,
+        "tags": _tag_score(completion),
+    }
+    return RewardResult(sum(parts.values()), parts, ok, answer)
+
+
+def d1_math(completion: str, gold: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> RewardResult:
+    """Correctness 2.0, one ``<answer>`` block 0.25, a ``\\boxed`` answer inside it 0.25."""
+    if not isinstance(completion, str) or not isinstance(gold, str):
+        return RewardResult(0.0, {"correct": 0.0, "answer_tags": 0.0, "boxed_in_answer": 0.0})
+    answer = _answer_of(completion)
+    ok = _correct(answer, gold, timeout_s)
+    blocks = _ANSWER_BLOCK.findall(completion)
+    parts = {
+        "correct": CORRECT_REWARD if ok else 0.0,
+        "answer_tags": 0.25 if len(blocks) == 1 else 0.0,
+        "boxed_in_answer": 0.25
+        if len(blocks) == 1 and re.search(r"\\(?:boxed|fbox)", blocks[0])
+        else 0.0,
+    }
+    return RewardResult(sum(parts.values()), parts, ok, answer)
+
+
+PRESETS: dict[str, Callable[..., RewardResult]] = {
+    "correct_only": correct_only,
+    "d1_gsm8k": d1_gsm8k,
+    "d1_math": d1_math,
+}
+
+
+def get_reward(name: str) -> Callable[..., RewardResult]:
+    """The reward preset called ``name``; ``KeyError`` names the allowed presets."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise KeyError(f"unknown reward preset {name!r}; allowed: {', '.join(PRESETS)}") from None

@@ -1,0 +1,110 @@
+"""Evaluation: decode test prompts and score the completions.
+
+:func:`evaluate` decodes a list of problems with confidence-based decoding (temperature 0
+by default) and reports accuracy overall and by a metadata key, with sample generations.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from actors.decoding import DecodeStats, generate
+from embr_rl.config import EvalConfig
+from embr_rl.models.loader import LoadedModel
+from embr_rl.models.tokenizer import decode_completions, encode_prompts
+from embr_rl.tasks import Problem, format_prompt
+
+Scorer = Callable[[str, Problem], float]
+
+_BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
+
+
+def boxed_integer_scorer(completion: str, problem: Problem) -> float:
+    """1.0 when the last ``\\boxed{...}`` holds the gold integer answer (the arith task's check)."""
+    found = _BOXED.findall(completion)
+    if not found or problem.answer is None:
+        return 0.0
+    try:
+        return float(int(found[-1].strip()) == int(problem.answer))
+    except ValueError:
+        return 0.0
+
+
+@dataclass
+class EvalResult:
+    """Accuracy overall and by group, with per-sample records."""
+
+    accuracy: float
+    num: int
+    by_group: dict[str, float] = field(default_factory=dict)
+    samples: list[dict[str, Any]] = field(default_factory=list)
+    stats: DecodeStats = field(default_factory=DecodeStats)
+
+
+def evaluate(
+    loaded: LoadedModel,
+    problems: Sequence[Problem],
+    cfg: EvalConfig,
+    *,
+    prompt_format: str = "plain",
+    chat_template: bool = False,
+    scorer: Scorer = boxed_integer_scorer,
+    group_key: str | None = None,
+    max_prompt_length: int | None = None,
+    seed: int = 0,
+) -> EvalResult:
+    """Decode every problem once and score it; ``group_key`` splits accuracy by a metadata field."""
+    model, tok = loaded.model, loaded.tokenizer
+    was_training = model.training
+    model.eval()
+    gen = torch.Generator(device=loaded.device).manual_seed(seed)
+    stats = DecodeStats()
+    samples: list[dict[str, Any]] = []
+    for i in range(0, len(problems), cfg.batch_size):
+        chunk = problems[i : i + cfg.batch_size]
+        texts = [format_prompt(p, prompt_format, tok, chat_template) for p in chunk]
+        ids, mask = encode_prompts(tok, texts, max_prompt_length)
+        out = generate(
+            model,
+            ids.to(loaded.device),
+            mask.to(loaded.device),
+            gen_length=cfg.gen_length,
+            block_length=cfg.block_length,
+            steps=cfg.steps,
+            mask_id=loaded.mask_token_id,
+            temperature=cfg.temperature,
+            eos_id=loaded.eos_token_id,
+            generator=gen,
+            stats=stats,
+        )
+        completions = decode_completions(tok, out[:, ids.shape[1] :].cpu(), loaded.eos_token_id)
+        for p, text, completion in zip(chunk, texts, completions, strict=True):
+            samples.append(
+                {
+                    "id": p.id,
+                    "prompt": text,
+                    "completion": completion,
+                    "answer": p.answer,
+                    "reward": scorer(completion, p),
+                    "group": None if group_key is None else str(p.metadata.get(group_key)),
+                }
+            )
+    model.train(was_training)
+    groups: dict[str, list[float]] = defaultdict(list)
+    for s in samples:
+        if s["group"] is not None:
+            groups[s["group"]].append(s["reward"])
+    n = len(samples)
+    return EvalResult(
+        accuracy=sum(s["reward"] for s in samples) / n if n else 0.0,
+        num=n,
+        by_group={k: sum(v) / len(v) for k, v in sorted(groups.items())},
+        samples=samples,
+        stats=stats,
+    )

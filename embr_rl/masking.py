@@ -1,0 +1,208 @@
+"""The masked-diffusion forward process on completion positions (DESIGN §4.1, paper eq. FWD).
+
+A :class:`MaskDraw` holds ``n`` Monte Carlo masks per sequence and the weight of each draw
+(``1/t`` for the ``uniform`` time variant, ``L/l`` for the ``count`` variant). One draw can
+be reused for several models (common random numbers). Prompts stay clean; the d1 baseline
+can mask prompt tokens with :func:`sample_prompt_mask`.
+
+Both variants give the same expectation: for a position ``i`` the weighted indicator
+``w * 1[i masked]`` averages over contexts in which the number of *other* masked positions
+is uniform on ``{0..L-1}`` and the masked set is uniform given its size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "MaskDraw",
+    "noised_inputs",
+    "sample_masks",
+    "sample_prompt_mask",
+    "sample_unit",
+    "span_mask",
+]
+
+
+@dataclass(frozen=True)
+class MaskDraw:
+    """``n`` masks per sequence. ``masks`` [B, n, L] bool (True = masked); ``weights`` [B, n]."""
+
+    masks: Tensor
+    weights: Tensor
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.masks.shape[1])
+
+    def covered(self) -> Tensor:
+        """[B, L] bool: positions masked in at least one draw."""
+        return self.masks.any(dim=1)
+
+    def to(self, device: torch.device | str) -> MaskDraw:
+        return MaskDraw(self.masks.to(device), self.weights.to(device))
+
+
+def _rand(
+    shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device
+) -> Tensor:
+    gen_device = generator.device if generator is not None else device
+    return torch.rand(shape, generator=generator, device=gen_device).to(device)
+
+
+def sample_unit(
+    batch_size: int,
+    num_samples: int,
+    *,
+    stratified: bool = False,
+    antithetic: bool = False,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> tuple[Tensor, Tensor]:
+    """Base uniforms ``v`` [B, n] in (0, 1] and the antithetic-partner flag [B, n] (bool).
+
+    Stratified: ``v_k = (k - 1 + u_k)/m`` over the ``m`` independent slots (DESIGN §4.1).
+    Antithetic: slots come in pairs ``(2j, 2j+1)``; the second of a pair is flagged and is
+    derived from the first by the sampler (complementary mask). With odd ``n`` and
+    antithetic on, the last draw is an unpaired, unstratified one.
+    """
+    device = torch.device(device)
+    pairs = num_samples // 2 if antithetic else 0
+    slots = pairs if antithetic else num_samples
+    u = 1.0 - _rand((batch_size, max(slots, 1)), generator, device)  # (0, 1]
+    if stratified and slots > 0:
+        k = torch.arange(slots, device=device, dtype=u.dtype)
+        u = (k + u) / slots
+    u = u[:, :slots]
+    partner = torch.zeros(batch_size, num_samples, dtype=torch.bool, device=device)
+    if not antithetic:
+        return u, partner
+    v = u.repeat_interleave(2, dim=1)
+    partner[:, 1 : 2 * pairs : 2] = True
+    if num_samples % 2:
+        extra = 1.0 - _rand((batch_size, 1), generator, device)
+        v = torch.cat([v, extra], dim=1)
+    return v, partner
+
+
+def sample_masks(
+    completion_mask: Tensor,
+    num_samples: int,
+    *,
+    scheme: str = "uniform",
+    stratified: bool = False,
+    antithetic: bool = False,
+    generator: torch.Generator | None = None,
+) -> MaskDraw:
+    """Draw ``n`` masks over the valid completion positions (DESIGN §4.1).
+
+    ``completion_mask`` [B, L] bool selects the positions that may be masked (the
+    likelihood span). ``scheme="uniform"``: ``t ~ U(0, 1]``, each position masked with
+    probability ``t``, weight ``1/t``; the antithetic partner is the complement (time
+    ``1 - t``, weight ``1/(1-t)``). ``scheme="count"``: ``l ~ U{1..L}``, exactly ``l``
+    positions masked (uniform subset), weight ``L/l``; the partner masks the last
+    ``L - l + 1`` positions of the same random order (size uniform on ``{1..L}``, and the
+    pair covers every position). A draw that masks nothing keeps weight with zero
+    contribution (never resampled).
+    """
+    if scheme not in ("uniform", "count"):
+        raise ValueError(f"scheme must be 'uniform' or 'count', got {scheme!r}")
+    valid = completion_mask.bool()
+    device = valid.device
+    b, length = valid.shape
+    v, partner = sample_unit(
+        b,
+        num_samples,
+        stratified=stratified,
+        antithetic=antithetic,
+        generator=generator,
+        device=device,
+    )
+    noise = _rand((b, num_samples, length), generator, device)
+    valid3 = valid[:, None, :]
+    if scheme == "uniform":
+        t = torch.where(partner, 1.0 - v, v)
+        first = (noise < v[..., None]) & valid3
+        # A partner's mask is the complement of the draw before it.
+        prev = torch.roll(first, shifts=1, dims=1)
+        masks = torch.where(partner[..., None], valid3 & ~prev, first)
+        usable = (t > 0) & valid.any(-1, keepdim=True)
+        weights = torch.where(usable, 1.0 / t.clamp(min=torch.finfo(t.dtype).tiny), 0.0)
+        return MaskDraw(masks, weights)
+    n_valid = valid.sum(-1, keepdim=True).to(v.dtype)  # [B, 1]
+    count = torch.ceil(v * n_valid).clamp(min=1.0)
+    scores = torch.where(valid3, noise, torch.full_like(noise, 2.0))
+    if antithetic:
+        # The partner reuses the order of the draw before it.
+        scores = torch.where(partner[..., None], torch.roll(scores, shifts=1, dims=1), scores)
+    ranks = scores.argsort(dim=-1).argsort(dim=-1).to(v.dtype)
+    first = (ranks < count[..., None]) & valid3
+    second = (ranks >= count[..., None] - 1) & valid3
+    masks = torch.where(partner[..., None], second, first)
+    size = torch.where(partner, n_valid - count + 1, count)
+    weights = torch.where(n_valid > 0, n_valid / size.clamp(min=1.0), 0.0)
+    return MaskDraw(masks, weights)
+
+
+def sample_prompt_mask(
+    prompt_ids: Tensor,
+    prob: float,
+    *,
+    attention_mask: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """[B, P] bool: real prompt tokens masked independently with probability ``prob`` (d1, DESIGN §4.3)."""
+    noise = _rand(tuple(prompt_ids.shape), generator, prompt_ids.device)
+    masked = noise < prob
+    if attention_mask is not None:
+        masked &= attention_mask.bool()
+    return masked
+
+
+def noised_inputs(
+    prompt_ids: Tensor,
+    completion_ids: Tensor,
+    masks: Tensor,
+    mask_id: int,
+    *,
+    prompt_masks: Tensor | None = None,
+) -> Tensor:
+    """[B*n, P+L] model inputs: prompt (optionally masked) + completion with ``masks`` [B, n, L] applied."""
+    b, n, _ = masks.shape
+    comp = completion_ids[:, None, :].expand(b, n, -1)
+    comp = torch.where(masks, torch.full_like(comp, mask_id), comp)
+    prompt = prompt_ids
+    if prompt_masks is not None:
+        prompt = torch.where(prompt_masks, torch.full_like(prompt, mask_id), prompt)
+    prompt = prompt[:, None, :].expand(b, n, -1)
+    return torch.cat([prompt, comp], dim=-1).reshape(b * n, -1)
+
+
+def span_mask(
+    completion_ids: Tensor,
+    *,
+    span: str = "window",
+    eos_id: int | None = None,
+    valid: Tensor | None = None,
+) -> Tensor:
+    """[B, L] bool likelihood span (DESIGN §4.1).
+
+    ``window``: every generated position (the trailing EOS fill included). ``until_eos``:
+    positions up to and including the first ``eos_id`` (the d1 convention). ``valid``
+    optionally excludes padding.
+    """
+    mask = (
+        torch.ones_like(completion_ids, dtype=torch.bool) if valid is None else valid.bool().clone()
+    )
+    if span == "window":
+        return mask
+    if span != "until_eos":
+        raise ValueError(f"span must be 'window' or 'until_eos', got {span!r}")
+    if eos_id is None:
+        raise ValueError("span='until_eos' needs eos_id")
+    is_eos = (completion_ids == eos_id).long()
+    before = (is_eos.cumsum(-1) - is_eos) == 0
+    return mask & before

@@ -1,0 +1,170 @@
+"""Load any masked-diffusion LM (the built-in one, LLaDA, Dream, ...) with its tokenizer.
+
+:func:`load_model` takes a Hugging Face hub id or a local directory, resolves the device
+and dtype (bf16 on GPU, fp32 on CPU unless the config says otherwise), finds the mask
+token id and the chat template, and checks that the model maps ``input_ids`` to
+``.logits``. LLaDA and Dream ship their modelling code with the checkpoint, so they need
+``model.trust_remote_code=true``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokenizerBase
+
+import embr_rl.models  # noqa: F401  (registers the built-in model with the Auto classes)
+from embr_rl.config import BuiltinModelConfig, ModelConfig
+from embr_rl.models.modeling import EmbrDiffusionConfig, EmbrDiffusionModel
+
+log = logging.getLogger(__name__)
+
+# Mask tokens of known dLLM families, tried in this order when neither the config nor the
+# tokenizer names one: LLaDA, Dream / generic.
+KNOWN_MASK_TOKENS = ("<|mdm_mask|>", "<|mask|>", "<mask>", "[MASK]")
+
+
+class ModelLoadError(RuntimeError):
+    """The model cannot be used as a masked-diffusion LM (no mask token, no logits, ...)."""
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for decoding or training, with what the rest of the system needs to know."""
+
+    model: torch.nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    mask_token_id: int
+    eos_token_id: int | None
+    pad_token_id: int
+    chat_template: str | None
+    device: torch.device
+    dtype: torch.dtype
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("model.device='cuda' but no CUDA device is visible; use 'cpu' or 'auto'")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto`` -> bfloat16 on GPU, float32 on CPU."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def find_mask_token_id(
+    model_config: Any, tokenizer: PreTrainedTokenizerBase, override: int | None = None
+) -> int:
+    """The mask token id: the config override, the model config, the tokenizer, or a known name."""
+    if override is not None:
+        return int(override)
+    for source in (model_config, tokenizer):
+        value = getattr(source, "mask_token_id", None)
+        if isinstance(value, int) and value >= 0:
+            return value
+    vocab = tokenizer.get_vocab()
+    for token in KNOWN_MASK_TOKENS:
+        if token in vocab:
+            return int(vocab[token])
+    raise ModelLoadError(
+        "cannot find a mask token: the model config and tokenizer define no mask_token_id and "
+        f"the vocabulary has none of {', '.join(KNOWN_MASK_TOKENS)}; set model.mask_token_id"
+    )
+
+
+def check_returns_logits(model: torch.nn.Module, mask_token_id: int, vocab_size: int) -> None:
+    """Run one tiny forward and fail clearly unless it returns ``.logits`` of shape [B, T, V]."""
+    device = next(model.parameters()).device
+    ids = torch.full((1, 2), mask_token_id, dtype=torch.long, device=device)
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    logits = getattr(out, "logits", None)
+    if not isinstance(logits, torch.Tensor):
+        raise ModelLoadError(
+            f"{type(model).__name__} does not return an output with .logits when called as "
+            "model(input_ids=..., attention_mask=...); a masked-diffusion LM must"
+        )
+    if logits.dim() != 3 or logits.shape[:2] != (1, 2) or logits.shape[-1] < vocab_size:
+        raise ModelLoadError(
+            f"{type(model).__name__} returned logits of shape {tuple(logits.shape)}; expected "
+            f"[batch, length, vocab>={vocab_size}]"
+        )
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """Load a tokenizer from a hub id or local directory."""
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+
+
+def load_model(cfg: ModelConfig, path: str | None = None, *, for_training: bool = False) -> LoadedModel:
+    """Load the model at ``path`` (default ``cfg.path``) as described by ``cfg``.
+
+    Raises :class:`ModelLoadError` when the model has no mask token or returns no logits.
+    """
+    path = path or cfg.path
+    if path == "builtin":
+        raise ModelLoadError(
+            "model.path='builtin' names an untrained architecture; train it with "
+            "`python -m embr_rl.pretrain` or point model.path at a saved model"
+        )
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    tokenizer = load_tokenizer(cfg.tokenizer or path, cfg.trust_remote_code)
+    model_config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    mask_id = find_mask_token_id(model_config, tokenizer, cfg.mask_token_id)
+    model = AutoModel.from_pretrained(
+        path, config=model_config, trust_remote_code=cfg.trust_remote_code, dtype=dtype
+    ).to(device)
+    model.train(for_training)
+    if for_training and cfg.gradient_checkpointing:
+        enable = getattr(model, "activation_checkpointing_enable", None) or getattr(
+            model, "gradient_checkpointing_enable"
+        )
+        enable()
+    vocab_size = int(getattr(model_config, "vocab_size", 0) or len(tokenizer))
+    if mask_id >= vocab_size:
+        raise ModelLoadError(f"mask token id {mask_id} is outside the vocabulary (size {vocab_size})")
+    check_returns_logits(model, mask_id, min(vocab_size, len(tokenizer)))
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos if eos is not None else 0)
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        mask_token_id=mask_id,
+        eos_token_id=eos,
+        pad_token_id=int(pad),
+        chat_template=getattr(tokenizer, "chat_template", None),
+        device=device,
+        dtype=dtype,
+    )
+
+
+def build_builtin_model(
+    cfg: BuiltinModelConfig, tokenizer: PreTrainedTokenizerBase
+) -> EmbrDiffusionModel:
+    """A freshly initialised built-in model sized by ``cfg`` for ``tokenizer``'s vocabulary."""
+    if tokenizer.mask_token_id is None:
+        raise ModelLoadError("the tokenizer of a built-in model must define a mask token")
+    config = EmbrDiffusionConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        intermediate_size=cfg.intermediate_size,
+        max_position_embeddings=cfg.max_position_embeddings,
+        rope_theta=cfg.rope_theta,
+        attention_dropout=cfg.dropout,
+        mask_token_id=tokenizer.mask_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    return EmbrDiffusionModel(config)

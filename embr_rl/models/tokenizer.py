@@ -1,0 +1,87 @@
+"""A small character-level tokenizer trained with ``tokenizers`` for the built-in model.
+
+Every character is one token, which suits arithmetic (digits are never merged). The
+special tokens are a pad, an end-of-sequence (also the fill of the completion window),
+a mask (the diffusion ``[MASK]``) and an unknown token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+PAD, EOS, MASK, UNK = "<|pad|>", "<|eos|>", "<|mask|>", "<|unk|>"
+SPECIAL_TOKENS = [PAD, EOS, MASK, UNK]
+
+
+def train_char_tokenizer(texts: Iterable[str], max_vocab: int | None = None) -> PreTrainedTokenizerFast:
+    """Train a character-level tokenizer on ``texts``; specials take ids 0-3 (pad, eos, mask, unk)."""
+    tok = Tokenizer(models.WordLevel(unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    trainer = trainers.WordLevelTrainer(
+        special_tokens=SPECIAL_TOKENS,
+        min_frequency=1,
+        vocab_size=max_vocab if max_vocab is not None else 1 << 20,
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token=PAD, eos_token=EOS, mask_token=MASK, unk_token=UNK
+    )
+
+
+def encode_prompts(
+    tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded prompt ids and attention mask [N, P] (P = longest, or ``max_length``).
+
+    A prompt longer than ``max_length`` raises ``ValueError`` naming its index; prompts are
+    never silently truncated.
+    """
+    encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    longest = max((len(e) for e in encoded), default=0)
+    width = max_length if max_length is not None else longest
+    for i, e in enumerate(encoded):
+        if len(e) > width:
+            raise ValueError(f"prompt {i} has {len(e)} tokens, more than max_length={width}")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.full((len(texts), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(texts), width), dtype=torch.long)
+    for i, e in enumerate(encoded):
+        if e:
+            ids[i, width - len(e) :] = torch.tensor(e, dtype=torch.long)
+            mask[i, width - len(e) :] = 1
+    return ids, mask
+
+
+def encode_completions(
+    tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], length: int, eos_id: int
+) -> torch.Tensor:
+    """Completion windows [N, length]: the text's tokens, then EOS to the end of the window.
+
+    At least one EOS must fit; a longer text raises ``ValueError`` naming its index.
+    """
+    out = torch.full((len(texts), length), eos_id, dtype=torch.long)
+    for i, t in enumerate(texts):
+        e = tokenizer(t, add_special_tokens=False)["input_ids"]
+        if len(e) >= length:
+            raise ValueError(f"completion {i} has {len(e)} tokens; the window holds {length - 1} plus EOS")
+        out[i, : len(e)] = torch.tensor(e, dtype=torch.long)
+    return out
+
+
+def decode_completions(
+    tokenizer: PreTrainedTokenizerBase, completion_ids: torch.Tensor, eos_id: int | None
+) -> list[str]:
+    """Completion texts, each cut at its first EOS."""
+    texts = []
+    for row in completion_ids.tolist():
+        if eos_id is not None and eos_id in row:
+            row = row[: row.index(eos_id)]
+        texts.append(tokenizer.decode(row, skip_special_tokens=True))
+    return texts

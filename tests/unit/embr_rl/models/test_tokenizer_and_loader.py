@@ -1,0 +1,127 @@
+"""Character tokenizer and the model loader (mask token, logits check, dtype/device)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from embr_rl.config import ModelConfig
+from embr_rl.models import EmbrDiffusionModel
+from embr_rl.models.loader import (
+    ModelLoadError,
+    build_builtin_model,
+    check_returns_logits,
+    find_mask_token_id,
+    load_model,
+    resolve_dtype,
+)
+from embr_rl.models.tokenizer import (
+    decode_completions,
+    encode_completions,
+    encode_prompts,
+    train_char_tokenizer,
+)
+from embr_rl.config import BuiltinModelConfig
+
+ALPHABET = "0123456789+-=;\\boxed{}"
+
+
+@pytest.fixture
+def tok():
+    return train_char_tokenizer([ALPHABET])
+
+
+def test_tokenizer_is_character_level_and_round_trips(tok) -> None:
+    text = "12+7=19;\\boxed{19}"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) == len(text)
+    assert tok.decode(ids) == text
+    assert {tok.pad_token_id, tok.eos_token_id, tok.mask_token_id} == {0, 1, 2}
+
+
+def test_encode_prompts_left_pads(tok) -> None:
+    ids, mask = encode_prompts(tok, ["1+2=", "10+20="])
+    assert ids.shape == (2, 6)
+    assert mask.tolist() == [[0, 0, 1, 1, 1, 1], [1] * 6]
+    assert (ids[0, :2] == tok.pad_token_id).all()
+    with pytest.raises(ValueError, match="prompt 1 has 6 tokens"):
+        encode_prompts(tok, ["1=", "10+20="], max_length=4)
+
+
+def test_completion_window_eos_fill_and_decode(tok) -> None:
+    win = encode_completions(tok, ["12", "3"], 4, tok.eos_token_id)
+    assert win[1].tolist()[1:] == [tok.eos_token_id] * 3
+    assert decode_completions(tok, win, tok.eos_token_id) == ["12", "3"]
+    with pytest.raises(ValueError, match="completion 0"):
+        encode_completions(tok, ["1234"], 4, tok.eos_token_id)
+
+
+def _save(tmp_path: Path, tok) -> Path:
+    model = build_builtin_model(
+        BuiltinModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64), tok
+    )
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    return tmp_path
+
+
+def test_load_model_finds_mask_token_and_resolves_dtype(tmp_path: Path, tok) -> None:
+    path = _save(tmp_path, tok)
+    loaded = load_model(ModelConfig(path=str(path), device="cpu"))
+    assert isinstance(loaded.model, EmbrDiffusionModel)
+    assert loaded.mask_token_id == tok.mask_token_id
+    assert loaded.eos_token_id == tok.eos_token_id
+    assert loaded.dtype == torch.float32 and not loaded.model.training
+    override = load_model(ModelConfig(path=str(path), device="cpu", mask_token_id=5))
+    assert override.mask_token_id == 5
+
+
+def test_load_model_errors(tmp_path: Path, tok) -> None:
+    with pytest.raises(ModelLoadError, match="pretrain"):
+        load_model(ModelConfig(path="builtin"))
+    path = _save(tmp_path, tok)
+    with pytest.raises(ModelLoadError, match="outside the vocabulary"):
+        load_model(ModelConfig(path=str(path), device="cpu", mask_token_id=10_000))
+
+
+def test_missing_mask_token_is_a_clear_error() -> None:
+    class NoMask:
+        mask_token_id = None
+
+        def get_vocab(self) -> dict[str, int]:
+            return {"a": 0, "b": 1}
+
+    with pytest.raises(ModelLoadError, match="set model.mask_token_id"):
+        find_mask_token_id(object(), NoMask())  # type: ignore[arg-type]
+
+    class LLaDALike(NoMask):
+        def get_vocab(self) -> dict[str, int]:
+            return {"a": 0, "<|mdm_mask|>": 7}
+
+    assert find_mask_token_id(object(), LLaDALike()) == 7  # type: ignore[arg-type]
+
+
+def test_model_without_logits_is_rejected() -> None:
+    @dataclass
+    class Out:
+        hidden: torch.Tensor
+
+    class NoLogits(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Out:
+            return Out(hidden=input_ids.float())
+
+    with pytest.raises(ModelLoadError, match=r"does not return an output with \.logits"):
+        check_returns_logits(NoLogits(), 0, 4)
+
+
+def test_dtype_resolution() -> None:
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    assert resolve_dtype("float16", torch.device("cpu")) == torch.float16

@@ -1,0 +1,139 @@
+"""The forward process: which positions are masked, with which weights, how draws are paired."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from embr_rl.masking import (
+    noised_inputs,
+    sample_masks,
+    sample_prompt_mask,
+    sample_unit,
+    span_mask,
+)
+
+
+def _gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def test_stratified_times_fall_in_their_strata() -> None:
+    v, partner = sample_unit(500, 5, stratified=True, generator=_gen())
+    k = torch.arange(5)
+    assert ((v > k / 5) & (v <= (k + 1) / 5)).all()
+    assert not partner.any()
+
+
+@pytest.mark.parametrize("scheme", ["uniform", "count"])
+def test_masks_only_touch_valid_positions(scheme: str) -> None:
+    valid = torch.tensor([[True] * 6, [True] * 3 + [False] * 3, [False] * 6])
+    draw = sample_masks(valid, 64, scheme=scheme, generator=_gen())
+    assert draw.masks.shape == (3, 64, 6)
+    assert not (draw.masks & ~valid[:, None, :]).any()
+    assert (draw.weights[2] == 0).all()
+
+
+def test_uniform_marginal_rate_is_one_half() -> None:
+    # E[t] = 1/2, so every position is masked with probability 1/2 overall.
+    n_draws, length = 20000, 4
+    draw = sample_masks(torch.ones(1, length, dtype=torch.bool), n_draws, generator=_gen(1))
+    rate = draw.masks.double().mean(1)[0]
+    se = math.sqrt(0.25 / n_draws)
+    assert ((rate - 0.5).abs() < 5 * se).all()
+
+
+def test_uniform_keeps_empty_draws() -> None:
+    # L = 1: a draw masks nothing with probability E[1 - t] = 1/2, and it is not resampled.
+    n_draws = 20000
+    draw = sample_masks(torch.ones(1, 1, dtype=torch.bool), n_draws, generator=_gen(2))
+    empty = (~draw.masks.any(-1)).double().mean()
+    assert abs(float(empty) - 0.5) < 5 * math.sqrt(0.25 / n_draws)
+    # each mask is drawn at its weight's time: P(masked | t) = t = 1/w
+    t = 1.0 / draw.weights[0]
+    assert abs(float((draw.masks[0, :, 0].double() - t).mean())) < 5 * math.sqrt(0.25 / n_draws)
+
+
+@pytest.mark.parametrize("stratified", [False, True])
+def test_uniform_antithetic_pairs_are_complements(stratified: bool) -> None:
+    valid = torch.tensor([[True] * 5 + [False] * 2])
+    draw = sample_masks(valid, 7, antithetic=True, stratified=stratified, generator=_gen(3))
+    a, b = draw.masks[:, 0:6:2], draw.masks[:, 1:6:2]
+    assert torch.equal(b, valid[:, None, :] & ~a)
+    t_a, t_b = 1 / draw.weights[:, 0:6:2], 1 / draw.weights[:, 1:6:2]
+    assert torch.allclose(t_a + t_b, torch.ones_like(t_a))
+    assert draw.covered()[valid].all()
+
+
+def test_count_sizes_uniform_and_weights() -> None:
+    length, n_draws = 5, 20000
+    draw = sample_masks(
+        torch.ones(1, length, dtype=torch.bool), n_draws, scheme="count", generator=_gen(4)
+    )
+    size = draw.masks.sum(-1)[0]
+    assert torch.allclose(draw.weights[0], length / size.float())
+    freq = torch.bincount(size, minlength=length + 1)[1:].double() / n_draws
+    se = math.sqrt(0.2 * 0.8 / n_draws)
+    assert ((freq - 1 / length).abs() < 5 * se).all()
+    assert (size >= 1).all()
+
+
+@pytest.mark.parametrize("stratified", [False, True])
+def test_count_antithetic_pairs_cover_with_one_overlap(stratified: bool) -> None:
+    valid = torch.tensor([[True] * 5, [True] * 3 + [False] * 2])
+    draw = sample_masks(
+        valid, 8, scheme="count", antithetic=True, stratified=stratified, generator=_gen(5)
+    )
+    a, b = draw.masks[:, 0::2], draw.masks[:, 1::2]
+    n_valid = valid.sum(-1)[:, None]
+    assert torch.equal(a | b, valid[:, None, :].expand_as(a))
+    assert ((a & b).sum(-1) == 1).all()
+    assert (a.sum(-1) + b.sum(-1) == n_valid + 1).all()
+    assert torch.allclose(draw.weights[:, 1::2], n_valid / b.sum(-1).float())
+
+
+def test_count_stratified_sizes_follow_strata() -> None:
+    draw = sample_masks(
+        torch.ones(50, 4, dtype=torch.bool), 4, scheme="count", stratified=True, generator=_gen(6)
+    )
+    # four strata over l in {1..4}: draw k masks exactly k + 1 positions
+    assert torch.equal(draw.masks.sum(-1), torch.arange(1, 5).expand(50, 4))
+
+
+def test_seeded_draws_repeat() -> None:
+    valid = torch.ones(3, 6, dtype=torch.bool)
+    a = sample_masks(valid, 4, generator=_gen(7))
+    b = sample_masks(valid, 4, generator=_gen(7))
+    c = sample_masks(valid, 4, generator=_gen(8))
+    assert torch.equal(a.masks, b.masks) and torch.equal(a.weights, b.weights)
+    assert not torch.equal(a.weights, c.weights)
+
+
+def test_noised_inputs_leave_prompt_clean() -> None:
+    prompt = torch.tensor([[5, 6, 7]])
+    comp = torch.tensor([[1, 2, 3, 4]])
+    masks = torch.tensor([[[True, False, True, False], [False, False, False, True]]])
+    out = noised_inputs(prompt, comp, masks, 9)
+    assert out.tolist() == [[5, 6, 7, 9, 2, 9, 4], [5, 6, 7, 1, 2, 3, 9]]
+    pm = torch.tensor([[False, True, False]])
+    out = noised_inputs(prompt, comp, masks, 9, prompt_masks=pm)
+    assert out[:, :3].tolist() == [[5, 9, 7], [5, 9, 7]]
+
+
+def test_prompt_mask_rate_and_padding() -> None:
+    prompt = torch.zeros(400, 50, dtype=torch.long)
+    attn = torch.ones_like(prompt, dtype=torch.bool)
+    attn[:, :10] = False
+    m = sample_prompt_mask(prompt, 0.15, attention_mask=attn, generator=_gen(9))
+    assert not m[:, :10].any()
+    n = 400 * 40
+    assert abs(float(m[:, 10:].double().mean()) - 0.15) < 5 * math.sqrt(0.15 * 0.85 / n)
+
+
+def test_span_mask_until_eos() -> None:
+    ids = torch.tensor([[4, 5, 1, 1, 1], [4, 5, 6, 7, 8]])
+    assert span_mask(ids).all()
+    got = span_mask(ids, span="until_eos", eos_id=1)
+    assert got.tolist() == [[True, True, True, False, False], [True] * 5]
