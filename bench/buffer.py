@@ -65,6 +65,24 @@ def make_batches(args: argparse.Namespace) -> list[pa.Table]:
     return batches
 
 
+class ListBuffer:
+    """The baseline: a plain Python list of row dicts (FIFO by a bounded deque)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.rows: deque[dict] = deque(maxlen=capacity)
+        self.rng = random.Random(0)
+
+    def add(self, rows: list[dict]) -> int:
+        self.rows.extend(rows)
+        return len(self.rows)
+
+    def sample(self, n: int) -> list[dict]:
+        return self.rng.sample(self.rows, n)
+
+    def size(self) -> int:
+        return len(self.rows)
+
+
 def timed(fn: Callable[[], object], repeat: int) -> float:
     """Seconds for ``repeat`` calls of ``fn``."""
     start = time.perf_counter()
@@ -92,13 +110,11 @@ def main() -> None:
         f"completion {args.completion_len} tokens; sample {args.sample} x {args.sample_calls}"
     )
 
-    # Baseline: a plain Python list (deque with maxlen for FIFO eviction) of row dicts.
-    baseline: deque[dict] = deque(maxlen=capacity)
+    # Baseline: a plain Python list of row dicts, in this process.
+    baseline = ListBuffer(capacity)
     it = iter(dict_batches)
-    list_add_s = timed(lambda: baseline.extend(next(it)), len(dict_batches))
-    rng = random.Random(0)
-    rows_list = list(baseline)
-    list_sample_s = timed(lambda: rng.sample(rows_list, args.sample), args.sample_calls)
+    list_add_s = timed(lambda: baseline.add(next(it)), len(dict_batches))
+    list_sample_s = timed(lambda: baseline.sample(args.sample), args.sample_calls)
 
     # The buffer in-process (no Ray), for reference.
     local = ExperienceBuffer(capacity, seed=0)
@@ -117,6 +133,14 @@ def main() -> None:
         it3 = iter(batches)
         ray_add_s = timed(lambda: ray.get(actor.add.remote(next(it3))), len(batches))
         ray_sample_s = timed(lambda: ray.get(actor.sample.remote(args.sample)), args.sample_calls)
+        # Same transport, plain list inside the actor: what Arrow buys over Python dicts.
+        list_actor = ray.remote(ListBuffer).options(num_cpus=0).remote(capacity)
+        ray.get(list_actor.size.remote())
+        it4 = iter(dict_batches)
+        ray_list_add_s = timed(lambda: ray.get(list_actor.add.remote(next(it4))), len(batches))
+        ray_list_sample_s = timed(
+            lambda: ray.get(list_actor.sample.remote(args.sample)), args.sample_calls
+        )
     finally:
         ray.shutdown()
 
@@ -131,24 +155,26 @@ def main() -> None:
         restore_s = timed(lambda: ExperienceBuffer(capacity, snapshot_dir=tmp, resume=True), 1)
 
     n_sampled = args.sample * args.sample_calls
-    rows = [
-        ("add, plain list (deque of dicts)", total / list_add_s),
+    table = [
+        ("add, plain list in-process", total / list_add_s),
+        ("add, plain list in a Ray actor", total / ray_list_add_s),
         ("add, ExperienceBuffer in-process", total / local_add_s),
         ("add, ExperienceBuffer Ray actor", total / ray_add_s),
-        ("sample, plain list (random.sample)", n_sampled / list_sample_s),
+        ("sample, plain list in-process", n_sampled / list_sample_s),
+        ("sample, plain list in a Ray actor", n_sampled / ray_list_sample_s),
         ("sample, ExperienceBuffer in-process", n_sampled / local_sample_s),
         ("sample, ExperienceBuffer Ray actor", n_sampled / ray_sample_s),
     ]
-    for name, rate in rows:
-        print(f"{name:40s} {rate:14,.0f} rows/s")
-    print(
-        f"ratio add   (Ray actor / list): {rows[2][1] / rows[0][1]:.2f}x   "
-        f"(in-process / list): {rows[1][1] / rows[0][1]:.2f}x"
-    )
-    print(
-        f"ratio sample (Ray actor / list): {rows[5][1] / rows[3][1]:.2f}x   "
-        f"(in-process / list): {rows[4][1] / rows[3][1]:.2f}x"
-    )
+    rate = dict(table)
+    for name, value in table:
+        print(f"{name:40s} {value:14,.0f} rows/s")
+    for op in ("add", "sample"):
+        actor = rate[f"{op}, ExperienceBuffer Ray actor"]
+        print(
+            f"ratio {op:6s} ExperienceBuffer actor / list in-process: "
+            f"{actor / rate[f'{op}, plain list in-process']:.3f}x; "
+            f"/ list actor: {actor / rate[f'{op}, plain list in a Ray actor']:.2f}x"
+        )
     print(
         f"snapshot: {arrow_mb:.1f} MB Arrow -> {file_mb:.1f} MB Parquet (zstd) in {snap_s:.2f} s = "
         f"{arrow_mb / snap_s:.0f} MB/s of Arrow data ({file_mb / snap_s:.0f} MB/s written); "

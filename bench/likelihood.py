@@ -75,29 +75,32 @@ def run(batch_size: int, repeats: int, micro_batch: int) -> list[dict[str, float
         group_ids=torch.arange(batch_size // GROUP).repeat_interleave(GROUP),
         models=LossModels(policy, MASK_ID, ref, head, torch.Generator().manual_seed(1)),
     )
-    rows: list[dict[str, float | str | int]] = []
-    for name in LOSSES:
-        for n in (1, 2, 4, 8):
+    configs = [(name, n) for name in LOSSES for n in (1, 2, 4, 8)]
+    times: dict[tuple[str, int], list[float]] = {c: [] for c in configs}
+    counts: dict[tuple[str, int], tuple[int, int]] = {}
+    # Round-robin over configurations so that load from other processes hits all alike.
+    for rep in range(repeats + 1):
+        for name, n in configs:
             cfg = dataclasses.replace(
                 AlgoConfig(), name=name, num_mc_samples=n, micro_batch=micro_batch, antithetic=n > 1
             )
-            times = []
-            for rep in range(repeats + 1):
-                policy.calls = policy.rows = ref.calls = ref.rows = 0
-                policy.zero_grad(set_to_none=True)
-                start = time.perf_counter()
-                LOSSES[name](batch, cfg).loss.backward()
-                if rep:  # the first repeat warms up
-                    times.append(time.perf_counter() - start)
-            rows.append(
-                {
-                    "loss": name,
-                    "n": n,
-                    "calls": policy.calls + ref.calls,
-                    "rows_per_sample": (policy.rows + ref.rows) / batch_size,
-                    "ms_per_sample": 1000 * statistics.median(times) / batch_size,
-                }
-            )
+            policy.calls = policy.rows = ref.calls = ref.rows = 0
+            policy.zero_grad(set_to_none=True)
+            start = time.perf_counter()
+            LOSSES[name](batch, cfg).loss.backward()
+            if rep:  # the first round warms up
+                times[(name, n)].append(time.perf_counter() - start)
+            counts[(name, n)] = (policy.calls + ref.calls, policy.rows + ref.rows)
+    rows: list[dict[str, float | str | int]] = [
+        {
+            "loss": name,
+            "n": n,
+            "calls": counts[(name, n)][0],
+            "rows_per_sample": counts[(name, n)][1] / batch_size,
+            "ms_per_sample": 1000 * statistics.median(times[(name, n)]) / batch_size,
+        }
+        for name, n in configs
+    ]
     base = statistics.median(float(r["ms_per_sample"]) for r in rows if r["loss"] == "d1")
     for r in rows:
         r["ratio_vs_d1"] = float(r["ms_per_sample"]) / base

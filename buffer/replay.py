@@ -37,11 +37,11 @@ GeneratorLike = np.random.Generator | int | None
 class AddResult:
     """What one ``add`` did, and whether the producer should wait (back-pressure)."""
 
-    accepted: int
-    evicted: int
-    size: int
-    lag: float
-    should_wait: bool
+    accepted: int  # rows of this call now held
+    evicted: int  # rows this call pushed out, or (reservoir, oversized batch) never let in
+    size: int  # rows held after the call
+    lag: float  # learner steps' worth of rows added since the learner's last draw
+    should_wait: bool  # True: pause, then poll ``should_wait()``
 
 
 @dataclass(frozen=True)

@@ -81,6 +81,7 @@ class ShardedBuffer:
         self.shards = list(shards)
         self.client = client if client is not None else LocalShardClient()
         self._rng = np.random.default_rng(seed)
+        self._sizes = [0] * len(self.shards)  # as last reported to this router
 
     def _all(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
         c = self.client
@@ -96,7 +97,11 @@ class ShardedBuffer:
         return rng.integers(0, 2**63 - 1, len(self.shards)).tolist()
 
     def add(self, rows: pa.Table | pa.RecordBatch) -> AddResult:
-        """Validate, route by prompt id, add to every shard concerned in parallel."""
+        """Validate, route by prompt id, add to every shard concerned in parallel.
+
+        ``size`` in the result sums each shard's size as this router last saw it (no extra
+        round trip); ``should_wait`` is true when any shard written to asks for it.
+        """
         table = validate(rows)
         where = route(table.column("prompt_id"), len(self.shards))
         pending, involved = [], []
@@ -106,11 +111,12 @@ class ShardedBuffer:
                 pending.append(self.client.submit(shard, "add", table.take(pa.array(idx))))
                 involved.append(i)
         results: list[AddResult] = self.client.gather(pending)
-        sizes = self.client.gather([self.client.submit(s, "size") for s in self.shards])
+        for i, r in zip(involved, results):
+            self._sizes[i] = r.size
         return AddResult(
             accepted=sum(r.accepted for r in results),
             evicted=sum(r.evicted for r in results),
-            size=sum(sizes),
+            size=sum(self._sizes),
             lag=max((r.lag for r in results), default=0.0),
             should_wait=any(r.should_wait for r in results),
         )
@@ -119,6 +125,7 @@ class ShardedBuffer:
         self, n: int, replace: bool, generator: GeneratorLike
     ) -> tuple[list[int], list[int]]:
         sizes = np.array(self._all("eligible_size"), dtype=np.int64)
+        self._sizes = sizes.tolist()
         seeds = self._seeds(generator)
         rng = np.random.default_rng(seeds[0] ^ 0x5EED)
         total = int(sizes.sum())

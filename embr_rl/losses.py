@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +27,9 @@ from embr_rl.likelihood import (
     fully_masked_token_logprobs,
 )
 from embr_rl.masking import MaskDraw, sample_masks, sample_prompt_mask
-from embr_rl.models.energy_head import EnergyHead, prompt_offset
+
+if TYPE_CHECKING:  # importing embr_rl.models loads transformers; only embr_e needs it
+    from embr_rl.models.energy_head import EnergyHead
 
 __all__ = [
     "LOSSES",
@@ -371,6 +374,8 @@ def embr_e_loss(batch: LossBatch, cfg: AlgoConfig) -> LossOutput:
 
     ``c_phi`` runs once per group (the policy's forward over the prompt alone).
     """
+    from embr_rl.models.energy_head import prompt_offset
+
     head = batch.models.energy_head
     if head is None:
         raise ValueError("embr_e needs batch.models.energy_head (embr_rl.models.EnergyHead)")

@@ -3,7 +3,7 @@
 #
 # torch goes in first and is then pinned with a constraint file, so that no later
 # package (deepspeed, ray, transformers, ...) can replace it with another build:
-#   - CPU host (no working nvidia-smi): a CPU wheel. A local wheel found through pip's
+#   - CPU host (no working nvidia-smi): the +cpu build. A local wheel found through pip's
 #     configured find-links is used when there is one; otherwise TORCH_CPU_INDEX is asked.
 #   - GPU host: the default (CUDA) build of the same version from PyPI.
 # DeepSpeed is installed with DS_BUILD_OPS=0 and without build isolation (its build
@@ -28,11 +28,13 @@ have_gpu() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2
 if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
   if have_gpu; then
     echo "[install] GPU host: torch==$TORCH_VERSION (CUDA build)"
-    "${pip[@]}" install "torch==$TORCH_VERSION"
+    "${pip[@]}" install "torch==$TORCH_VERSION" numpy
   else
     echo "[install] CPU host: torch==$TORCH_VERSION (CPU build)"
-    if ! "${pip[@]}" install --no-index "torch==$TORCH_VERSION" 2>/dev/null; then
-      "${pip[@]}" install "torch==$TORCH_VERSION" --index-url "$TORCH_CPU_INDEX" \
+    # A local CPU wheel (pip's find-links) or an index that serves +cpu builds answers
+    # first; otherwise ask the PyTorch CPU index.
+    if ! "${pip[@]}" install "torch==$TORCH_VERSION+cpu" numpy 2>/dev/null; then
+      "${pip[@]}" install "torch==$TORCH_VERSION" numpy --index-url "$TORCH_CPU_INDEX" \
         --extra-index-url https://pypi.org/simple
     fi
   fi
@@ -55,4 +57,5 @@ fi
 
 echo "[install] embr-rl[$EXTRAS] (editable)"
 DS_BUILD_OPS=0 "${pip[@]}" install --no-build-isolation -c "$VENV/constraints.txt" -e ".[$EXTRAS]"
+have_gpu || export DS_ACCELERATOR=cpu
 "$VENV/bin/python" -c "import embr_rl, actors, learner, buffer, torch, deepspeed, ray; print(f'[install] ok: torch {torch.__version__}, deepspeed {deepspeed.__version__}, ray {ray.__version__}')"

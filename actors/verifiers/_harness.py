@@ -2,8 +2,9 @@
 
 Standard library only: it runs under whatever interpreter the sandbox can see. The
 parent passes a job file path as ``argv[1]``. Events go to the result descriptor as JSON
-lines; the only event that can mean "passed" is ``done``, and it carries the secret
-token, which the harness reads from its own pipe only after ``check`` has returned.
+lines. The last event (``done``, ``failed``, ``error``, ``memory`` or ``exit``) carries the
+secret token, which the harness reads from its own pipe only once the untrusted code has
+stopped; the parent ignores every event without it.
 """
 
 import ast
@@ -69,9 +70,18 @@ def main() -> None:
         with contextlib.suppress(Exception):
             write(out_fd, (dumps({"event": event, **kw}) + "\n").encode())
 
+    def final(event: str, **kw: object) -> None:
+        """The last event, authenticated with the token (read only now, after the
+        untrusted code has stopped running), then exit."""
+        try:
+            token = os.read(token_fd, 256).decode()
+        except Exception:
+            token = ""
+        report(event, token=token, **kw)
+        exit_(0 if event == "done" else 1)
+
     def fail(event: str, phase: str, exc: BaseException, **kw: object) -> None:
-        report(event, phase=phase, type=type(exc).__name__, msg=str(exc)[:500], **kw)
-        exit_(1)
+        final(event, phase=phase, type=type(exc).__name__, msg=str(exc)[:500], **kw)
 
     lim = job["limits"]
     for name, value in (
@@ -117,8 +127,7 @@ def main() -> None:
 
     candidate = ns.get(entry)
     if not callable(candidate):
-        report("error", phase="program", type="NameError", msg=f"{entry!r} is not defined")
-        exit_(1)
+        final("error", phase="program", type="NameError", msg=f"{entry!r} is not defined")
 
     counts = {"passed": 0, "failed": 0}
 
@@ -160,16 +169,10 @@ def main() -> None:
         fail("error", "check", exc, **counts, static=rewriter.count)
 
     if counts["failed"]:
-        report(
+        final(
             "failed", phase="check", type="AssertionError", msg="", **counts, static=rewriter.count
         )
-        exit_(1)
-    try:
-        token = os.read(token_fd, 256).decode()
-    except Exception:
-        token = ""
-    report("done", token=token, **counts, static=rewriter.count)
-    exit_(0)
+    final("done", **counts, static=rewriter.count)
 
 
 if __name__ == "__main__":

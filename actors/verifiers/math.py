@@ -8,6 +8,7 @@ check that takes too long kills the worker and counts as not equivalent.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import re
@@ -45,21 +46,21 @@ def _braced(text: str, start: int) -> str | None:
     return None
 
 
-def _boxed_contents(text: str) -> list[str]:
-    found = []
-    for m in _BOXED.finditer(text):
+def _last_boxed(text: str, max_tries: int = 64) -> str | None:
+    """Content of the last well-formed ``\\boxed``/``\\fbox`` (at most ``max_tries`` tried)."""
+    for m in list(_BOXED.finditer(text))[::-1][:max_tries]:
         i = m.end()
         while i < len(text) and text[i] == " ":
             i += 1
         if i < len(text) and text[i] == "{":
             inner = _braced(text, i)
-            if inner is not None:
-                found.append(inner)
+            if inner is not None and inner.strip():
+                return inner.strip()
         elif i > m.end():
             token = re.match(r"[^\s$]+", text[i:])
             if token:
-                found.append(token.group(0))
-    return found
+                return token.group(0)
+    return None
 
 
 def _clean_tail(answer: str) -> str:
@@ -74,10 +75,9 @@ def extract_answer(text: str) -> str | None:
     ``<answer>...</answer>``, else "the answer is ..."; None when there is none."""
     if not isinstance(text, str) or not text:
         return None
-    boxed = [b.strip() for b in _boxed_contents(text)]
-    boxed = [b for b in boxed if b]
-    if boxed:
-        return boxed[-1]
+    boxed = _last_boxed(text)
+    if boxed is not None:
+        return boxed
     for pattern in (_HASHES, _ANSWER_TAG, _ANSWER_IS):
         matches = [_clean_tail(m.group(1)) for m in pattern.finditer(text)]
         matches = [m for m in matches if m]
@@ -95,7 +95,7 @@ def extract_answer(text: str) -> str | None:
 # --------------------------------------------------------------------------- normal forms
 
 _TEXT_CMD = re.compile(r"\\(?:text|textbf|textit|mathrm|mathbf|mbox|operatorname)\s*\{([^{}]*)\}")
-_UNIT_WORDS = re.compile(r"^(-?[\d.,/]+)\s*(?:[a-zA-Z]+\.?\s*){1,3}$")
+_UNIT_WORDS = re.compile(r"^(-?[\d.,/]+)\s*[a-zA-Z]{1,20}\.?(?:\s+[a-zA-Z]{1,20}\.?){0,2}$")
 _ASSIGN = re.compile(r"^[a-zA-Z](?:_\{?\w+\}?)?\s*=\s*([^=]+)$")
 _THOUSANDS = re.compile(r"^-?\d{1,3}(,\d{3})+(\.\d+)?$")
 _MIXED = re.compile(r"^(-?)(\d+)\s*\\frac\{(\d+)\}\{(\d+)\}$|^(-?)(\d+)\s+(\d+)/(\d+)$")
@@ -260,6 +260,7 @@ class SymbolicChecker:
 
 
 _CHECKER = SymbolicChecker()
+atexit.register(_CHECKER.close)
 _BASE_N = re.compile(r"^([0-9A-Za-z]+)_\{?(\d+)\}?$")
 
 

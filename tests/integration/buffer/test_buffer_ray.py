@@ -79,7 +79,6 @@ def _expected() -> set[str]:
 
 
 @pytest.mark.integration
-@pytest.mark.slow
 def test_two_producers_one_consumer_exchange_10000_rows(ray_session: Any) -> None:
     ray = ray_session
     Producer, Consumer = _actors(ray)
@@ -102,7 +101,6 @@ def test_two_producers_one_consumer_exchange_10000_rows(ray_session: Any) -> Non
 
 
 @pytest.mark.integration
-@pytest.mark.slow
 def test_sharded_router_over_ray_actors(ray_session: Any) -> None:
     ray = ray_session
     Producer, _ = _actors(ray)

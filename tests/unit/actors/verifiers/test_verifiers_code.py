@@ -97,7 +97,10 @@ def test_output_is_captured_and_truncated() -> None:
 
 
 def test_main_guard_does_not_run_and_stdin_is_closed() -> None:
-    prog = GOOD + "if __name__ == '__main__':\n    raise SystemExit(3)\nimport sys\nassert sys.stdin.read() == ''\n"
+    prog = (
+        GOOD
+        + "if __name__ == '__main__':\n    raise SystemExit(3)\nimport sys\nassert sys.stdin.read() == ''\n"
+    )
     assert run_tests(prog, ADD_TEST, "add").passed
 
 
@@ -134,7 +137,7 @@ def test_config_builds_code_verifier(monkeypatch: pytest.MonkeyPatch) -> None:
     score = verifier.score(f"```python\n{HALF}```", ref)
     assert score.reward == pytest.approx(0.75) and score.outcome == "failed"
     assert verifier.score(GOOD, ref).reward == 1.0
-    with pytest.raises(ConfigError, match="verifier.code.sandbox"):
+    with pytest.raises(ConfigError, match=r"verifier\.code\.sandbox"):
         load_config(None, ["verifier.code.sandbox=docker"])
     monkeypatch.setitem(code_mod._DETECTED, "bwrap", False)
     strict = load_config(None, ["verifier.code.require_isolation=true"])

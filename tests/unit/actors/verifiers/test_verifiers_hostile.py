@@ -27,7 +27,9 @@ from actors.verifiers.code import (
 pytestmark = pytest.mark.integration
 
 BWRAP = available("bwrap")
-needs_bwrap = pytest.mark.skipif(not BWRAP, reason="bubblewrap cannot run here (fallback covered elsewhere)")
+needs_bwrap = pytest.mark.skipif(
+    not BWRAP, reason="bubblewrap cannot run here (fallback covered elsewhere)"
+)
 IS_ROOT = os.geteuid() == 0
 
 ONE_TEST = "def check(candidate):\n    assert candidate() == 1\n"
@@ -38,7 +40,9 @@ def _mode() -> str:
     return "bwrap" if BWRAP else "rlimit"
 
 
-def _run(program: str, test: str = ONE_TEST, timeout_s: float = 3.0, mode: str | None = None) -> CodeResult:
+def _run(
+    program: str, test: str = ONE_TEST, timeout_s: float = 3.0, mode: str | None = None
+) -> CodeResult:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", IsolationWarning)
         return run_tests(program, test, "f", timeout_s=timeout_s, mode=mode or _mode())
@@ -73,9 +77,18 @@ EXIT_TRICKS = {
     "raise_systemexit_in_candidate": ("def f():\n    raise SystemExit(0)\n", "error"),
     "os_exit_in_candidate": ("import os\ndef f():\n    os._exit(0)\n", "error"),
     "exit_builtin": ("def f():\n    exit()\n", "error"),
-    "print_pass_then_exit": ("import os\nprint('PASS')\nprint('all tests passed')\nos._exit(0)\n", "error"),
-    "kill_self": ("import os, signal\ndef f():\n    os.kill(os.getpid(), signal.SIGKILL)\n", "killed"),
-    "killpg_own_group": ("import os, signal\nos.killpg(0, signal.SIGKILL)\ndef f():\n    return 1\n", "killed"),
+    "print_pass_then_exit": (
+        "import os\nprint('PASS')\nprint('all tests passed')\nos._exit(0)\n",
+        "error",
+    ),
+    "kill_self": (
+        "import os, signal\ndef f():\n    os.kill(os.getpid(), signal.SIGKILL)\n",
+        "killed",
+    ),
+    "killpg_own_group": (
+        "import os, signal\nos.killpg(0, signal.SIGKILL)\ndef f():\n    return 1\n",
+        "killed",
+    ),
     "forge_done_event": (
         "import os, json\n"
         "msg = json.dumps({'event': 'done', 'token': 'f' * 32, 'passed': 1, 'failed': 0, 'static': 1})\n"
@@ -87,7 +100,10 @@ EXIT_TRICKS = {
         "os._exit(0)\n",
         "error",
     ),
-    "atexit_print": ("import atexit\natexit.register(lambda: print('PASS'))\ndef f():\n    return 2\n", "failed"),
+    "atexit_print": (
+        "import atexit\natexit.register(lambda: print('PASS'))\ndef f():\n    return 2\n",
+        "failed",
+    ),
     "always_equal_object": (
         "class A:\n    def __eq__(self, other):\n        return True\n\ndef f():\n    return A()\n",
         "error",
@@ -105,14 +121,16 @@ EXIT_TRICKS = {
 }
 
 
+@pytest.mark.parametrize("mode", sorted({_mode(), "rlimit"}))
 @pytest.mark.parametrize("name", sorted(EXIT_TRICKS))
-def test_exit_and_forgery_tricks_score_zero(name: str) -> None:
+def test_exit_and_forgery_tricks_score_zero(name: str, mode: str) -> None:
     program, status = EXIT_TRICKS[name]
-    res = _run(program)
+    res = _run(program, mode=mode)
     assert not res.passed and res.fraction < 1.0
     assert res.status == status, (res.status, res.message)
+    assert res.isolation == mode
     _no_stray_processes()
-    _scorer_still_works()
+    _scorer_still_works(mode=mode)
 
 
 MONKEYPATCH_TRICKS = {
@@ -156,7 +174,9 @@ def test_memory_bomb_is_stopped() -> None:
     _scorer_still_works()
 
 
-@pytest.mark.skipif(not (BWRAP or IS_ROOT), reason="the process limit needs a PID namespace or a throwaway uid")
+@pytest.mark.skipif(
+    not (BWRAP or IS_ROOT), reason="the process limit needs a PID namespace or a throwaway uid"
+)
 def test_fork_bomb_is_bounded(sentinel: subprocess.Popen) -> None:
     bomb = "import os\ndef f():\n    while True:\n        try:\n            os.fork()\n        except OSError:\n            pass\nf()\n"
     before = len([p for p in os.listdir("/proc") if p.isdigit()])
@@ -192,7 +212,11 @@ def test_cannot_write_outside_the_sandbox() -> None:
         )
         res = _run(prog)
         assert not res.passed and res.status == "error"
-        assert "FileNotFoundError" in res.message or "PermissionError" in res.message or "OSError" in res.message
+        assert (
+            "FileNotFoundError" in res.message
+            or "PermissionError" in res.message
+            or "OSError" in res.message
+        )
         assert not target.exists() and not repo_target.exists()
         assert list(target_dir.iterdir()) == []
     finally:
@@ -208,7 +232,9 @@ def test_cannot_read_files_outside_the_sandbox() -> None:
         secret = secret_dir / "secret.txt"
         secret.write_text("top-secret-4242")
         os.chmod(secret, 0o644)  # world-readable: only the namespace hides it
-        prog = f"def f():\n    data = open({str(secret)!r}).read()\n    print(data)\n    return data\n"
+        prog = (
+            f"def f():\n    data = open({str(secret)!r}).read()\n    print(data)\n    return data\n"
+        )
         test = "def check(candidate):\n    assert candidate() == 'top-secret-4242'\n"
         res = _run(prog, test=test)
         assert not res.passed and res.status == "error"
@@ -254,8 +280,12 @@ def test_no_network_to_host_listener() -> None:
         "os.kill(-1, signal.SIGKILL)",
     ],
 )
-def test_killing_the_parent_does_not_reach_the_scorer(kill: str, sentinel: subprocess.Popen) -> None:
-    prog = f"import os, signal\ntry:\n    {kill}\nexcept OSError:\n    pass\ndef f():\n    return 0\n"
+def test_killing_the_parent_does_not_reach_the_scorer(
+    kill: str, sentinel: subprocess.Popen
+) -> None:
+    prog = (
+        f"import os, signal\ntry:\n    {kill}\nexcept OSError:\n    pass\ndef f():\n    return 0\n"
+    )
     res = _run(prog)
     assert not res.passed and res.status in ("failed", "killed")
     assert sentinel.poll() is None
@@ -264,7 +294,9 @@ def test_killing_the_parent_does_not_reach_the_scorer(kill: str, sentinel: subpr
     _scorer_still_works()
 
 
-@pytest.mark.skipif(not IS_ROOT, reason="signal containment without namespaces needs a throwaway uid")
+@pytest.mark.skipif(
+    not IS_ROOT, reason="signal containment without namespaces needs a throwaway uid"
+)
 def test_fallback_kill_all_only_reaches_the_sandbox_uid(sentinel: subprocess.Popen) -> None:
     prog = "import os, signal\ntry:\n    os.kill(-1, signal.SIGKILL)\nexcept OSError:\n    pass\ndef f():\n    return 0\n"
     res = _run(prog, mode="rlimit")

@@ -1,0 +1,138 @@
+"""Reward presets, the Verifier registry and the bounded scoring pool."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from actors.verifiers import (
+    MathVerifier,
+    Score,
+    Verifier,
+    build_verifier,
+    extract_code,
+)
+from actors.verifiers.pool import ScoringPool, run_many
+from actors.verifiers.rewards import PRESETS, d1_gsm8k, d1_math, get_reward
+
+STRICT = "<reasoning>\n3 + 4 = 7\n</reasoning>\n<answer>\n7\n</answer>\n"
+
+
+def test_d1_gsm8k_components() -> None:
+    r = d1_gsm8k(STRICT, "7")
+    assert r.correct and r.extracted == "7"
+    assert r.components == {
+        "correct": 2.0,
+        "integer": 0.5,
+        "strict_format": 0.5,
+        "soft_format": 0.5,
+        "tags": 0.5,
+    }
+    assert r.total == pytest.approx(4.0) == sum(r.components.values())
+    wrong = d1_gsm8k(STRICT, "8")
+    assert not wrong.correct and wrong.components["correct"] == 0.0
+    assert wrong.total == pytest.approx(2.0)
+    loose = d1_gsm8k("<reasoning>x</reasoning> <answer>7.5</answer> trailing words", "7.5")
+    assert loose.components["correct"] == 2.0 and loose.components["integer"] == 0.0
+    assert loose.components["strict_format"] == 0.0 and loose.components["soft_format"] == 0.5
+    assert 0.0 <= loose.components["tags"] < 0.5
+    plain = d1_gsm8k("so it is #### 1,000", "1000")
+    assert plain.correct and plain.components["strict_format"] == 0.0
+
+
+def test_d1_math_components() -> None:
+    good = d1_math(
+        "<reasoning>\n...\n</reasoning>\n<answer>\n\\boxed{\\dfrac{1}{2}}\n</answer>", "0.5"
+    )
+    assert good.components == {"correct": 2.0, "answer_tags": 0.25, "boxed_in_answer": 0.25}
+    assert good.total == pytest.approx(2.5)
+    bare = d1_math("The result is \\boxed{\\frac12}", "\\frac{1}{2}")
+    assert bare.components == {"correct": 2.0, "answer_tags": 0.0, "boxed_in_answer": 0.0}
+    wrong = d1_math("<answer>\\boxed{3}</answer>", "4")
+    assert wrong.components == {"correct": 0.0, "answer_tags": 0.25, "boxed_in_answer": 0.25}
+
+
+def test_correct_only_and_registry() -> None:
+    assert set(PRESETS) == {"correct_only", "d1_gsm8k", "d1_math"}
+    assert get_reward("correct_only")("\\boxed{42}", "42").total == 1.0
+    assert get_reward("correct_only")("\\boxed{41}", "42").total == 0.0
+    with pytest.raises(KeyError, match="allowed"):
+        get_reward("nope")
+    for preset in PRESETS.values():
+        junk = preset(None, "1")  # type: ignore[arg-type]
+        assert junk.total == 0.0 and not junk.correct
+
+
+def test_math_verifier_from_config() -> None:
+    from embr_rl.config import load_config
+
+    cfg = load_config(None, ["verifier.reward=d1_gsm8k"])
+    v = build_verifier("math", cfg.verifier)
+    assert isinstance(v, Verifier) and isinstance(v, MathVerifier)
+    s = v.score(STRICT, {"answer": "Janet has ... #### 7"})
+    assert s.outcome == "correct" and s.reward == pytest.approx(4.0)
+    assert v.score("no answer", {"answer": "7"}).outcome == "no_answer"
+    assert v.score(STRICT, {}).outcome == "no_reference"
+    with pytest.raises(KeyError, match="allowed"):
+        build_verifier("chess")
+
+
+def test_extract_code() -> None:
+    prompt = "import math\n\ndef area(r):\n    '''Area.'''\n"
+    fenced = "Here:\n```python\ndef area(r):\n    return math.pi * r * r\n```\nDone."
+    program = extract_code(fenced, prompt, "area")
+    assert program.startswith(prompt) and program.endswith("return math.pi * r * r\n")
+    body = "    return math.pi * r * r\n"
+    assert extract_code(body, prompt, "area") == prompt + body
+    assert extract_code(None) == ""  # type: ignore[arg-type]
+
+
+class _SlowVerifier:
+    name = "slow"
+
+    def __init__(self) -> None:
+        self.active = 0
+        self.peak = 0
+        self.lock = threading.Lock()
+
+    def score(self, completion: str, reference: Any) -> Score:
+        with self.lock:
+            self.active += 1
+            self.peak = max(self.peak, self.active)
+        time.sleep(0.05)
+        with self.lock:
+            self.active -= 1
+        if completion == "boom":
+            raise RuntimeError("verifier bug")
+        return Score(float(len(completion)), {}, "correct")
+
+
+def test_pool_bounds_concurrency_and_survives_errors() -> None:
+    v = _SlowVerifier()
+    with ScoringPool(v, max_workers=3) as pool:
+        scores = pool.score_many([("ab", {}), ("boom", {}), *[("abc", {})] * 10])
+    assert [s.reward for s in scores] == [2.0, 0.0] + [3.0] * 10
+    assert scores[1].outcome == "error" and "verifier bug" in scores[1].info["message"]
+    assert v.peak <= 3 and pool.peak_active <= 3
+    assert v.peak >= 2
+    with pytest.raises(ValueError):
+        ScoringPool(v, max_workers=0)
+
+
+@pytest.mark.integration
+def test_code_pool_scores_concurrently() -> None:
+    test = "def check(candidate):\n    assert candidate(3) == 9\n"
+    good = "def sq(x):\n    return x * x\n"
+    bad = "def sq(x):\n    return x + x\n"
+    results = run_many([(good, test, "sq"), (bad, test, "sq")] * 3, max_workers=2)
+    assert [r.passed for r in results] == [True, False] * 3
+    code = build_verifier("code")
+    with ScoringPool(code, max_workers=2) as pool:
+        futures = [
+            pool.submit(f"```python\n{p}```", {"tests": test, "entry_point": "sq"})
+            for p in (good, bad)
+        ]
+        assert [f.result().reward for f in futures] == [1.0, 0.0]
