@@ -8,30 +8,60 @@ positions are those with the highest confidence: the softmax probability of the 
 token (``low_confidence``) or a uniform random score (``random``). Temperature sampling
 is Gumbel-max in float64; temperature 0 is argmax. Committed tokens are never remasked.
 
-Pure PyTorch: no Ray, DeepSpeed or torch.distributed.
+Fast modes (each an approximation of the exact mode, measured by ``bench/decode.py``):
+
+- ``threshold=tau``: commit every masked position of the block whose confidence is at
+  least ``tau`` (at least one per step); a block ends when it has no mask left.
+- ``cache="prefix"``: Fast-dLLM's prefix cache. Each block starts with one full forward
+  that also records keys/values; later steps of the block compute only the block and the
+  positions after it, attending to the cached prompt and finished blocks.
+- ``cache="dual"``: as ``prefix``, but the positions after the block are cached too and
+  each later step computes only the block.
+- ``stop_at_eos=True``: a row whose finished block is all EOS gets EOS to the end of its
+  window and costs no more forwards.
+
+Rows whose current block is finished (threshold mode) or that stopped at EOS are left out
+of later forwards. Pure PyTorch: no Ray, DeepSpeed or torch.distributed.
 """
 
 from __future__ import annotations
 
+import inspect
 import time
+import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 REMASKING = ("low_confidence", "random")
+CACHE_MODES = ("prefix", "dual")
 
 
 @dataclass
 class DecodeStats:
-    """What one :func:`generate` call cost."""
+    """What one or more :func:`generate` calls cost.
+
+    ``positions_computed`` counts rows x positions run through the model (summed over
+    forwards, classifier-free-guidance rows included): the compute the cache and the
+    skipping of finished rows save.
+    """
 
     forward_passes: int = 0
     tokens_committed: int = 0
     wall_s: float = 0.0
+    positions_computed: int = 0
 
     @property
     def tokens_per_s(self) -> float:
         return self.tokens_committed / self.wall_s if self.wall_s > 0 else 0.0
+
+    def merge(self, other: DecodeStats) -> None:
+        """Add ``other``'s counts to this one."""
+        self.forward_passes += other.forward_passes
+        self.tokens_committed += other.tokens_committed
+        self.wall_s += other.wall_s
+        self.positions_computed += other.positions_computed
 
 
 def num_transfer_tokens(masked: torch.Tensor, steps: int) -> torch.Tensor:
@@ -44,7 +74,9 @@ def num_transfer_tokens(masked: torch.Tensor, steps: int) -> torch.Tensor:
     return out
 
 
-def gumbel_argmax(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
+def gumbel_argmax(
+    logits: torch.Tensor, temperature: float, generator: torch.Generator | None
+) -> torch.Tensor:
     """``argmax(logits / T + Gumbel)`` in float64 (a sample from ``softmax(logits / T)``); T=0 is argmax."""
     if temperature == 0:
         return logits.argmax(dim=-1)
@@ -54,18 +86,44 @@ def gumbel_argmax(logits: torch.Tensor, temperature: float, generator: torch.Gen
     return (logits64 / temperature + gumbel).argmax(dim=-1)
 
 
+def supports_kv_cache(model: Any) -> bool:
+    """True when ``model.forward`` takes ``kv_cache``, ``position_ids`` and ``use_cache``."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return all(name in params for name in ("kv_cache", "position_ids", "use_cache"))
+
+
 def _validate(
-    prompt_ids: torch.Tensor, gen_length: int, block_length: int, steps: int, mask_id: int,
-    temperature: float, remasking: str, cfg_scale: float, threshold: float | None, vocab: int | None,
+    prompt_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    gen_length: int,
+    block_length: int,
+    steps: int,
+    mask_id: int,
+    temperature: float,
+    remasking: str,
+    cfg_scale: float,
+    threshold: float | None,
+    cache: str | None,
+    vocab: int | None,
 ) -> None:
     if prompt_ids.dim() != 2:
         raise ValueError(f"prompt_ids must be [batch, length], got shape {tuple(prompt_ids.shape)}")
+    if attention_mask is not None and attention_mask.shape != prompt_ids.shape:
+        raise ValueError(
+            f"attention_mask shape {tuple(attention_mask.shape)} must equal prompt_ids shape "
+            f"{tuple(prompt_ids.shape)}"
+        )
     if gen_length <= 0 or block_length <= 0 or steps <= 0:
         raise ValueError(
             f"gen_length, block_length and steps must be positive; got {gen_length}, {block_length}, {steps}"
         )
     if gen_length % block_length:
-        raise ValueError(f"gen_length ({gen_length}) must be divisible by block_length ({block_length})")
+        raise ValueError(
+            f"gen_length ({gen_length}) must be divisible by block_length ({block_length})"
+        )
     blocks = gen_length // block_length
     if steps % blocks:
         raise ValueError(
@@ -77,8 +135,125 @@ def _validate(
         raise ValueError(f"temperature ({temperature}) and cfg_scale ({cfg_scale}) must be >= 0")
     if threshold is not None and not 0 < threshold <= 1:
         raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+    if cache is not None and cache not in CACHE_MODES:
+        raise ValueError(f"unknown cache {cache!r}; allowed: None, {', '.join(CACHE_MODES)}")
     if vocab is not None and not 0 <= mask_id < vocab:
         raise ValueError(f"mask_id {mask_id} is outside the vocabulary (size {vocab})")
+
+
+class _Forward:
+    """Runs the model on a subset of rows, with classifier-free guidance and an optional cache.
+
+    With guidance the model batch is the rows followed by their unconditional copies (the
+    prompt's real tokens replaced by the mask), so one cache serves both halves.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        full_mask: torch.Tensor,
+        prompt_len: int,
+        mask_id: int,
+        cfg_scale: float,
+        eos_id: int | None,
+        suppress_eos: bool,
+        stats: DecodeStats,
+    ) -> None:
+        self.model = model
+        self.full_mask = full_mask
+        self.positions = (full_mask.cumsum(-1) - 1).clamp(min=0)
+        self.prompt_len = prompt_len
+        self.mask_id = mask_id
+        self.cfg_scale = cfg_scale
+        self.suppress = eos_id if suppress_eos else None
+        self.stats = stats
+
+    def _inputs(self, x: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        seq, mask = x[rows], self.full_mask[rows]
+        if self.cfg_scale > 0:
+            uncond = seq.clone()
+            prompt = uncond[:, : self.prompt_len]
+            prompt[mask[:, : self.prompt_len].bool()] = self.mask_id
+            seq, mask = torch.cat([seq, uncond]), torch.cat([mask, mask])
+        return seq, mask
+
+    def _rows2(self, rows: torch.Tensor) -> torch.Tensor:
+        return torch.cat([rows, rows]) if self.cfg_scale > 0 else rows
+
+    def _finish(self, logits: torch.Tensor) -> torch.Tensor:
+        self.stats.forward_passes += 1
+        self.stats.positions_computed += logits.shape[0] * logits.shape[1]
+        if self.cfg_scale > 0:
+            cond, unc = logits.chunk(2, dim=0)
+            logits = unc + (self.cfg_scale + 1) * (cond - unc)
+        if self.suppress is not None:
+            logits = logits.clone()
+            logits[..., self.suppress] = float("-inf")
+        return logits
+
+    def full(self, x: torch.Tensor, rows: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        """Block logits [R, end - start, V] from a forward over the whole sequence."""
+        seq, mask = self._inputs(x, rows)
+        logits = self.model(input_ids=seq, attention_mask=mask).logits
+        return self._finish(logits[:, start:end])
+
+    def full_with_cache(
+        self, x: torch.Tensor, rows: torch.Tensor, start: int, end: int
+    ) -> tuple[torch.Tensor, Any]:
+        """Like :meth:`full`, also returning the keys/values of every position."""
+        seq, mask = self._inputs(x, rows)
+        out = self.model(
+            input_ids=seq,
+            attention_mask=mask,
+            position_ids=self.positions[self._rows2(rows)],
+            use_cache=True,
+        )
+        return self._finish(out.logits[:, start:end]), out.kv_cache
+
+    def partial(
+        self, x: torch.Tensor, rows: torch.Tensor, start: int, stop: int, end: int, kv: Any
+    ) -> torch.Tensor:
+        """Block logits computing only positions ``start:stop`` against the cache ``kv``."""
+        rows2 = self._rows2(rows)
+        seq = x[rows2, start:stop]
+        out = self.model(
+            input_ids=seq,
+            attention_mask=torch.ones_like(seq),
+            position_ids=self.positions[rows2, start:stop],
+            kv_cache=kv,
+        )
+        return self._finish(out.logits[:, : end - start])
+
+
+def _commit_block(
+    block: torch.Tensor,
+    logits: torch.Tensor,
+    k_schedule: torch.Tensor | None,
+    threshold: float | None,
+    mask_id: int,
+    temperature: float,
+    remasking: str,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """One step on the block [R, L]: commit the ``k`` most confident masked positions."""
+    masked = block == mask_id
+    x0 = gumbel_argmax(logits, temperature, generator)
+    if remasking == "low_confidence":
+        lf = logits.float()
+        conf = (lf.gather(-1, x0[..., None]).squeeze(-1) - lf.logsumexp(-1)).exp()
+    else:
+        conf = torch.rand(x0.shape, dtype=torch.float64, device=x0.device, generator=generator)
+    conf = conf.masked_fill(~masked, float("-inf"))
+    if threshold is None:
+        k = k_schedule
+    else:
+        k = torch.minimum((conf >= threshold).sum(1).clamp(min=1), masked.sum(1))
+    k_max = int(k.max())
+    commit = torch.zeros_like(masked)
+    if k_max > 0:
+        top = conf.topk(k_max, dim=1).indices
+        commit.scatter_(1, top, torch.arange(k_max, device=block.device)[None] < k[:, None])
+    return torch.where(commit & masked, x0, block)
 
 
 @torch.no_grad()
@@ -98,23 +273,43 @@ def generate(
     cache: str | None = None,
     eos_id: int | None = None,
     suppress_eos: bool = False,
+    stop_at_eos: bool = False,
     generator: torch.Generator | None = None,
     stats: DecodeStats | None = None,
 ) -> torch.Tensor:
     """Decode completions for left-padded ``prompt_ids`` [B, P]; returns [B, P + gen_length].
 
-    ``threshold=tau`` commits every masked position of the block whose confidence is at
-    least ``tau`` (at least one per step) instead of the fixed schedule. ``stats``, when
-    given, is filled with forward passes, tokens committed and wall time.
+    ``threshold``, ``cache`` and ``stop_at_eos`` select the fast modes (module docstring);
+    a model without a key/value cache falls back to ``cache=None`` with a warning.
+    ``stats``, when given, is added to: forward passes, tokens committed (``B * gen_length``),
+    positions computed and wall time. Masked tokens inside the prompt are left as they are.
     """
-    if cache is not None:
-        raise NotImplementedError("KV-cache decoding is not available yet; use cache=None")
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-    _validate(prompt_ids, gen_length, block_length, steps, mask_id, temperature, remasking,
-              cfg_scale, threshold, vocab)
-    if suppress_eos and eos_id is None:
-        raise ValueError("suppress_eos=True needs eos_id")
+    _validate(
+        prompt_ids,
+        attention_mask,
+        gen_length,
+        block_length,
+        steps,
+        mask_id,
+        temperature,
+        remasking,
+        cfg_scale,
+        threshold,
+        cache,
+        vocab,
+    )
+    if (suppress_eos or stop_at_eos) and eos_id is None:
+        raise ValueError("suppress_eos=True and stop_at_eos=True need eos_id")
+    if cache is not None and not supports_kv_cache(model):
+        warnings.warn(
+            f"{type(model).__name__} has no key/value cache (forward takes no kv_cache, "
+            f"position_ids, use_cache); decoding with cache=None instead of {cache!r}",
+            stacklevel=2,
+        )
+        cache = None
     t0 = time.perf_counter()
+    call_stats = DecodeStats()
     b, p = prompt_ids.shape
     device = prompt_ids.device
     x = torch.full((b, p + gen_length), mask_id, dtype=torch.long, device=device)
@@ -122,62 +317,57 @@ def generate(
     if attention_mask is None:
         attention_mask = torch.ones_like(prompt_ids)
     full_mask = torch.cat(
-        [attention_mask.to(torch.long), torch.ones(b, gen_length, dtype=torch.long, device=device)], dim=1
+        [attention_mask.to(torch.long), torch.ones(b, gen_length, dtype=torch.long, device=device)],
+        dim=1,
     )
-    prompt_index = torch.zeros_like(x, dtype=torch.bool)
-    prompt_index[:, :p] = True
-    num_blocks = gen_length // block_length
-    steps_per_block = steps // num_blocks
-    forwards = 0
+    fwd = _Forward(model, full_mask, p, mask_id, cfg_scale, eos_id, suppress_eos, call_stats)
+    steps_per_block = steps // (gen_length // block_length)
+    live = torch.arange(b, device=device)  # rows not stopped at EOS
 
-    def logits_of(seq: torch.Tensor) -> torch.Tensor:
-        nonlocal forwards
-        if cfg_scale > 0:
-            uncond = seq.clone()
-            uncond[prompt_index & full_mask.bool()] = mask_id
-            both = model(input_ids=torch.cat([seq, uncond]), attention_mask=torch.cat([full_mask, full_mask])).logits
-            forwards += 1
-            cond, unc = both.chunk(2, dim=0)
-            out = unc + (cfg_scale + 1) * (cond - unc)
-        else:
-            out = model(input_ids=seq, attention_mask=full_mask).logits
-            forwards += 1
-        if suppress_eos:
-            out = out.clone()
-            out[..., eos_id] = float("-inf")
-        return out
-
-    for blk in range(num_blocks):
-        start, end = p + blk * block_length, p + (blk + 1) * block_length
-        schedule = num_transfer_tokens(x[:, start:end] == mask_id, steps_per_block)
+    for start in range(p, p + gen_length, block_length):
+        end = start + block_length
+        if live.numel() == 0:
+            break
+        schedule = num_transfer_tokens(x[live, start:end] == mask_id, steps_per_block)
+        kv = None
+        rows, local = live, torch.arange(live.numel(), device=device)
         step = 0
-        while bool((x[:, start:end] == mask_id).any()):
-            if threshold is None and step >= steps_per_block:
-                break
-            masked = x == mask_id
-            logits = logits_of(x)
-            x0 = gumbel_argmax(logits, temperature, generator)
-            if remasking == "low_confidence":
-                probs = torch.softmax(logits.to(torch.float64), dim=-1)
-                conf = torch.gather(probs, -1, x0[..., None]).squeeze(-1)
+        while threshold is not None or step < steps_per_block:
+            if step > 0:
+                pending = (x[rows, start:end] == mask_id).any(1)
+                if not bool(pending.all()):
+                    rows, local = rows[pending], local[pending]
+                    if kv is not None:
+                        kv = kv.select_rows(torch.cat([local, local + live.numel()]) if cfg_scale > 0 else local)
+                        local = torch.arange(rows.numel(), device=device)
+                if rows.numel() == 0:
+                    break
+            if cache is None:
+                logits = fwd.full(x, rows, start, end)
+            elif step == 0:
+                logits, full_kv = fwd.full_with_cache(x, rows, start, end)
+                if cache == "prefix":
+                    kv = full_kv.select_positions(slice(0, start))
+                else:
+                    keep = torch.cat(
+                        [torch.arange(start, device=device), torch.arange(end, p + gen_length, device=device)]
+                    )
+                    kv = full_kv.select_positions(keep)
             else:
-                conf = torch.rand(x0.shape, dtype=torch.float64, device=device, generator=generator)
-            conf[:, end:] = float("-inf")
-            conf = torch.where(masked, conf, torch.full_like(conf, float("-inf")))
-            x0 = torch.where(masked, x0, x)
-            if threshold is None:
-                k = schedule[:, step]
-            else:
-                k = (conf >= threshold).sum(dim=1).clamp(min=1)
-                k = torch.minimum(k, masked[:, start:end].sum(dim=1))
-            order = conf.argsort(dim=1, descending=True)
-            rank = torch.empty_like(order)
-            rank.scatter_(1, order, torch.arange(order.shape[1], device=device).expand_as(order))
-            commit = (rank < k[:, None]) & masked
-            x = torch.where(commit, x0, x)
+                stop = p + gen_length if cache == "prefix" else end
+                logits = fwd.partial(x, rows, start, stop, end, kv)
+            k = schedule[local, step] if threshold is None else None
+            x[rows, start:end] = _commit_block(
+                x[rows, start:end], logits, k, threshold, mask_id, temperature, remasking, generator
+            )
             step += 1
+        if stop_at_eos:
+            ended = (x[live, start:end] == eos_id).all(1)
+            x[live[ended], end:] = eos_id
+            live = live[~ended]
+
+    call_stats.tokens_committed = b * gen_length
+    call_stats.wall_s = time.perf_counter() - t0
     if stats is not None:
-        stats.forward_passes += forwards
-        stats.tokens_committed += int(b * gen_length)
-        stats.wall_s += time.perf_counter() - t0
+        stats.merge(call_stats)
     return x

@@ -69,9 +69,7 @@ class LoraConfig:
     r: int = field_(16, ge=1)
     alpha: int = field_(32, ge=1)
     dropout: float = field_(0.05, ge=0, lt=1)
-    target_modules: list[str] = field_(
-        factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
-    )
+    target_modules: list[str] = field_(factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
 
 
 @dataclass
@@ -210,7 +208,8 @@ class AlgoConfig:
     beta: float = field_(0.05, gt=0)
     num_mc_samples: int = field_(4, ge=1)
     eubo_gamma: float = field_(1.5, ge=1)
-    timesteps: str = field_("uniform", choices=["uniform", "count"])
+    # "count" (l ~ U{1..L}, weight L/l) has finite variance; "uniform" (1/t) does not.
+    timesteps: str = field_("count", choices=["uniform", "count"])
     stratified: bool = True
     antithetic: bool = False
     common_random_numbers: bool = True
@@ -312,7 +311,9 @@ def _allowed_keys(node: Any) -> list[str]:
 def _schema_at(path: Sequence[str]) -> Any:
     node: Any = Config
     for part in path:
-        fields = {f.name: f for f in dataclasses.fields(node)} if dataclasses.is_dataclass(node) else {}
+        fields = (
+            {f.name: f for f in dataclasses.fields(node)} if dataclasses.is_dataclass(node) else {}
+        )
         if part not in fields:
             return None
         node = fields[part].type
@@ -331,7 +332,7 @@ def _translate(exc: OmegaConfBaseException, source: str) -> ConfigError:
     key = getattr(exc, "full_key", None) or "?"
     msg = str(exc).splitlines()[0]
     name = type(exc).__name__
-    if name == "ConfigKeyError" or "not in struct" in msg or "Key '" in msg and "not in" in msg:
+    if name == "ConfigKeyError" or "not in struct" in msg or ("Key '" in msg and "not in" in msg):
         parts = key.split(".")
         parent = _schema_at(parts[:-1])
         allowed = _allowed_keys(parent)
@@ -436,23 +437,25 @@ def _check_relations(cfg: Config) -> None:
             "'embr_e', 'embr_c', 'embr_u', 'dpo', 'vrpo' (d1 and wd1 need fresh rollouts)"
         )
     if cfg.checkpoint.resume not in ("auto", "never") and not cfg.checkpoint.resume:
-        raise ConfigError("bad value for 'checkpoint.resume': ''; allowed: 'auto', 'never' or a path")
+        raise ConfigError(
+            "bad value for 'checkpoint.resume': ''; allowed: 'auto', 'never' or a path"
+        )
 
 
 def parse_overrides(overrides: Sequence[str]) -> DictConfig:
     """Parse ``key=value`` strings (values in YAML syntax) into a config tree."""
     bad = [o for o in overrides if "=" not in o or o.startswith("=")]
     if bad:
-        raise ConfigError(
-            f"bad override {bad[0]!r}; allowed form: key=value, e.g. learner.lr=1e-5"
-        )
+        raise ConfigError(f"bad override {bad[0]!r}; allowed form: key=value, e.g. learner.lr=1e-5")
     try:
         return OmegaConf.from_dotlist(list(overrides))
     except OmegaConfBaseException as exc:
         raise ConfigError(f"bad override: {exc}") from exc
 
 
-def load_config(path: str | os.PathLike[str] | None = None, overrides: Sequence[str] = ()) -> Config:
+def load_config(
+    path: str | os.PathLike[str] | None = None, overrides: Sequence[str] = ()
+) -> Config:
     """Load the schema defaults, merge ``path`` (YAML) and ``overrides``, validate, return.
 
     Raises :class:`ConfigError` with one message naming the key, value and what is allowed.

@@ -102,8 +102,12 @@ def pretrain(cfg: Config) -> Path:
 
     test = load_task(cfg.task, "test")
     stream = train_stream(ac, seed=cfg.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=pc.lr, weight_decay=pc.weight_decay, betas=(0.9, 0.98))
-    loaded = LoadedModel(model, tokenizer, mask_id, eos, tokenizer.pad_token_id, None, device, torch.float32)
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=pc.lr, weight_decay=pc.weight_decay, betas=(0.9, 0.98)
+    )
+    loaded = LoadedModel(
+        model, tokenizer, mask_id, eos, tokenizer.pad_token_id, None, device, torch.float32
+    )
 
     def batch() -> tuple[torch.Tensor, ...]:
         rows = [next(stream) for _ in range(pc.batch_size)]
@@ -160,7 +164,9 @@ def pretrain(cfg: Config) -> Path:
             last_eval = time.perf_counter()
     train_s = time.perf_counter() - t_start
 
-    result = evaluate(loaded, test, cfg.eval, group_key="num_operands", max_prompt_length=pc.prompt_length)
+    result = evaluate(
+        loaded, test, cfg.eval, group_key="num_operands", max_prompt_length=pc.prompt_length
+    )
     summary = {
         "parameters": n_params,
         "steps": step,

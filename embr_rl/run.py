@@ -42,7 +42,9 @@ def base_model_stage(cfg: Config) -> str:
     if is_trained(path):
         _log(f"base model: cached at {path}")
     else:
-        _log(f"base model: none at {path}; pre-training it (pretrain.time_budget_s={cfg.pretrain.time_budget_s:g})")
+        _log(
+            f"base model: none at {path}; pre-training it (pretrain.time_budget_s={cfg.pretrain.time_budget_s:g})"
+        )
         pretrain(cfg)
     return str(path)
 
@@ -58,7 +60,9 @@ def run(cfg: Config) -> dict[str, object]:
     problems = load_task(cfg.task, cfg.task.test_split)
     if cfg.eval.limit is not None:
         problems = problems[: cfg.eval.limit]
-    _log(f"evaluating {model_path} on {len(problems)} held-out {cfg.task.name} problems (temperature {cfg.eval.temperature:g})")
+    _log(
+        f"evaluating {model_path} on {len(problems)} held-out {cfg.task.name} problems (temperature {cfg.eval.temperature:g})"
+    )
     group_key = "num_operands" if cfg.task.name == "arith" else None
     result = evaluate(
         loaded,

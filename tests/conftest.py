@@ -61,6 +61,8 @@ def ray_session():
     ray = pytest.importorskip("ray")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="embr_rl_tests")
+        ray.init(
+            num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="embr_rl_tests"
+        )
     yield ray
     ray.shutdown()

@@ -253,8 +253,9 @@ def _fresh_uid() -> int:
     return SANDBOX_UID_BASE + secrets.randbelow(1 << 24)
 
 
-def sandbox_processes() -> list[int]:
-    """Pids of live (non-zombie) processes running under a sandbox uid (root scorers only)."""
+def sandbox_processes(uid: int | None = None) -> list[int]:
+    """Pids of live (non-zombie) processes running under sandbox uid ``uid`` (any sandbox
+    uid when None); only meaningful for a root scorer, whose runs get throwaway uids."""
     pids = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -262,11 +263,16 @@ def sandbox_processes() -> list[int]:
         try:
             with open(f"/proc/{entry}/status") as fh:
                 fields = dict(line.split(":", 1) for line in fh if ":" in line)
-            uid = int(fields["Uid"].split()[0])
+            owner = int(fields["Uid"].split()[0])
             state = fields["State"].split()[0]
         except (OSError, KeyError, ValueError, IndexError):
             continue
-        if SANDBOX_UID_BASE <= uid < SANDBOX_UID_BASE + (1 << 24) and state not in ("Z", "X"):
+        mine = (
+            owner == uid
+            if uid is not None
+            else SANDBOX_UID_BASE <= owner < SANDBOX_UID_BASE + (1 << 24)
+        )
+        if mine and state not in ("Z", "X"):
             pids.append(int(entry))
     return pids
 
@@ -459,7 +465,9 @@ def _run(
 
         output = _read_head(out_path, limits.max_output_chars)
         events = _read_events(res_path)
-        return _classify(events, token, rc, timed_out, isolation, output)
+        result = _classify(events, token, rc, timed_out, isolation, output)
+        result.extra["uid"] = uid
+        return result
     finally:
         for fd in fds:
             with contextlib.suppress(OSError):

@@ -2,6 +2,7 @@
 
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
 
+from embr_rl.models.energy_head import EnergyHead
 from embr_rl.models.modeling import (
     EmbrDiffusionConfig,
     EmbrDiffusionModel,
@@ -13,4 +14,10 @@ AutoConfig.register(EmbrDiffusionConfig.model_type, EmbrDiffusionConfig, exist_o
 AutoModel.register(EmbrDiffusionConfig, EmbrDiffusionModel, exist_ok=True)
 AutoModelForMaskedLM.register(EmbrDiffusionConfig, EmbrDiffusionModel, exist_ok=True)
 
-__all__ = ["EmbrDiffusionConfig", "EmbrDiffusionModel", "EmbrDiffusionOutput", "KVCache"]
+__all__ = [
+    "EmbrDiffusionConfig",
+    "EmbrDiffusionModel",
+    "EmbrDiffusionOutput",
+    "EnergyHead",
+    "KVCache",
+]

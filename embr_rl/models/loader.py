@@ -9,8 +9,10 @@ token id and the chat template, and checks that the model maps ``input_ids`` to
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -50,7 +52,9 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError("model.device='cuda' but no CUDA device is visible; use 'cpu' or 'auto'")
+        raise ModelLoadError(
+            "model.device='cuda' but no CUDA device is visible; use 'cpu' or 'auto'"
+        )
     return torch.device(name)
 
 
@@ -100,12 +104,33 @@ def check_returns_logits(model: torch.nn.Module, mask_token_id: int, vocab_size:
         )
 
 
+_REMOTE_CODE_HINT = (
+    "{path} ships its own modelling code (as LLaDA and Dream do); set "
+    "model.trust_remote_code=true to run it"
+)
+
+
+def _check_remote_code(path: str, trust: bool) -> None:
+    """Fail before transformers prompts on stdin when a local model needs remote code."""
+    config_file = Path(path) / "config.json"
+    if trust or not config_file.is_file():
+        return
+    try:
+        auto_map = json.loads(config_file.read_text()).get("auto_map")
+    except (OSError, json.JSONDecodeError):
+        return
+    if auto_map:
+        raise ModelLoadError(_REMOTE_CODE_HINT.format(path=path))
+
+
 def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """Load a tokenizer from a hub id or local directory."""
     return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
 
 
-def load_model(cfg: ModelConfig, path: str | None = None, *, for_training: bool = False) -> LoadedModel:
+def load_model(
+    cfg: ModelConfig, path: str | None = None, *, for_training: bool = False
+) -> LoadedModel:
     """Load the model at ``path`` (default ``cfg.path``) as described by ``cfg``.
 
     Raises :class:`ModelLoadError` when the model has no mask token or returns no logits.
@@ -118,24 +143,37 @@ def load_model(cfg: ModelConfig, path: str | None = None, *, for_training: bool 
         )
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
-    tokenizer = load_tokenizer(cfg.tokenizer or path, cfg.trust_remote_code)
-    model_config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    _check_remote_code(path, cfg.trust_remote_code)
+    try:
+        tokenizer = load_tokenizer(cfg.tokenizer or path, cfg.trust_remote_code)
+        model_config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    except ValueError as exc:
+        if "trust_remote_code" in str(exc):
+            raise ModelLoadError(_REMOTE_CODE_HINT.format(path=path)) from exc
+        raise
     mask_id = find_mask_token_id(model_config, tokenizer, cfg.mask_token_id)
     model = AutoModel.from_pretrained(
         path, config=model_config, trust_remote_code=cfg.trust_remote_code, dtype=dtype
     ).to(device)
     model.train(for_training)
     if for_training and cfg.gradient_checkpointing:
-        enable = getattr(model, "activation_checkpointing_enable", None) or getattr(
-            model, "gradient_checkpointing_enable"
+        enable = (
+            getattr(model, "activation_checkpointing_enable", None)
+            or model.gradient_checkpointing_enable
         )
         enable()
     vocab_size = int(getattr(model_config, "vocab_size", 0) or len(tokenizer))
     if mask_id >= vocab_size:
-        raise ModelLoadError(f"mask token id {mask_id} is outside the vocabulary (size {vocab_size})")
+        raise ModelLoadError(
+            f"mask token id {mask_id} is outside the vocabulary (size {vocab_size})"
+        )
     check_returns_logits(model, mask_id, min(vocab_size, len(tokenizer)))
     eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos if eos is not None else 0)
+    pad = (
+        tokenizer.pad_token_id
+        if tokenizer.pad_token_id is not None
+        else (eos if eos is not None else 0)
+    )
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,

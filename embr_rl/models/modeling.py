@@ -57,7 +57,9 @@ class EmbrDiffusionConfig(PretrainedConfig):
                 f"({num_attention_heads})"
             )
         if (hidden_size // num_attention_heads) % 2:
-            raise ValueError("the head dimension hidden_size/num_attention_heads must be even (RoPE)")
+            raise ValueError(
+                "the head dimension hidden_size/num_attention_heads must be even (RoPE)"
+            )
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers
@@ -143,7 +145,9 @@ def rope_cos_sin(
     """Rotary tables for ``position_ids`` [B, T]: cos and sin of shape [B, 1, T, head_dim]."""
     inv_freq = 1.0 / (
         theta
-        ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim)
+        ** (
+            torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim
+        )
     )
     angles = position_ids.to(torch.float32)[..., None] * inv_freq  # [B, T, head_dim/2]
     emb = torch.cat([angles, angles], dim=-1)[:, None]
@@ -238,7 +242,7 @@ class EmbrDiffusionModel(PreTrainedModel):
     config_class = EmbrDiffusionConfig
     base_model_prefix = "embr_mdm"
     supports_gradient_checkpointing = True
-    _no_split_modules = ["Block"]
+    _no_split_modules = ["Block"]  # noqa: RUF012  (Hugging Face convention)
     _supports_sdpa = True
 
     def __init__(self, config: EmbrDiffusionConfig) -> None:
@@ -318,18 +322,16 @@ class EmbrDiffusionModel(PreTrainedModel):
 
         x = self.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(
-            position_ids, self.config.hidden_size // self.config.num_attention_heads,
-            self.config.rope_theta, x.dtype,
+            position_ids,
+            self.config.hidden_size // self.config.num_attention_heads,
+            self.config.rope_theta,
+            x.dtype,
         )
         hidden: list[torch.Tensor] = [x] if output_hidden_states else []
         new_keys: list[torch.Tensor] = []
         new_values: list[torch.Tensor] = []
         for i, layer in enumerate(self.layers):
-            past = (
-                (kv_cache.keys[i], kv_cache.values[i])
-                if kv_cache is not None
-                else None
-            )
+            past = (kv_cache.keys[i], kv_cache.values[i]) if kv_cache is not None else None
             if self.gradient_checkpointing and self.training:
                 x, kv = torch.utils.checkpoint.checkpoint(
                     layer, x, cos, sin, attn_mask, past, use_reentrant=False

@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 import torch
-
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
@@ -18,7 +17,9 @@ PAD, EOS, MASK, UNK = "<|pad|>", "<|eos|>", "<|mask|>", "<|unk|>"
 SPECIAL_TOKENS = [PAD, EOS, MASK, UNK]
 
 
-def train_char_tokenizer(texts: Iterable[str], max_vocab: int | None = None) -> PreTrainedTokenizerFast:
+def train_char_tokenizer(
+    texts: Iterable[str], max_vocab: int | None = None
+) -> PreTrainedTokenizerFast:
     """Train a character-level tokenizer on ``texts``; specials take ids 0-3 (pad, eos, mask, unk)."""
     tok = Tokenizer(models.WordLevel(unk_token=UNK))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
@@ -70,7 +71,9 @@ def encode_completions(
     for i, t in enumerate(texts):
         e = tokenizer(t, add_special_tokens=False)["input_ids"]
         if len(e) >= length:
-            raise ValueError(f"completion {i} has {len(e)} tokens; the window holds {length - 1} plus EOS")
+            raise ValueError(
+                f"completion {i} has {len(e)} tokens; the window holds {length - 1} plus EOS"
+            )
         out[i, : len(e)] = torch.tensor(e, dtype=torch.long)
     return out
 

@@ -52,8 +52,6 @@ def load_task(cfg: TaskConfig, split: str) -> list[Problem]:
     try:
         loader = _LOADERS[cfg.name]
     except KeyError:
-        raise ValueError(
-            f"unknown task {cfg.name!r}; allowed: {', '.join(task_names())}"
-        ) from None
+        raise ValueError(f"unknown task {cfg.name!r}; allowed: {', '.join(task_names())}") from None
     problems = loader(cfg, split)
     return problems[: cfg.limit] if cfg.limit is not None else problems

@@ -31,7 +31,9 @@ def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
                 raise ValueError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
 
 
-def _rows(cfg: TaskConfig, filename: str, hub: tuple[str, str | None], split: str) -> list[dict[str, Any]]:
+def _rows(
+    cfg: TaskConfig, filename: str, hub: tuple[str, str | None], split: str
+) -> list[dict[str, Any]]:
     if cfg.data_dir is not None:
         path = Path(cfg.data_dir) / filename
         if not path.is_file():
@@ -57,7 +59,9 @@ def gsm8k_final_answer(solution: str) -> str:
 
 def _check_split(name: str, split: str, allowed: tuple[str, ...]) -> None:
     if split not in allowed:
-        raise ValueError(f"unknown split {split!r} for task {name!r}; allowed: {', '.join(allowed)}")
+        raise ValueError(
+            f"unknown split {split!r} for task {name!r}; allowed: {', '.join(allowed)}"
+        )
 
 
 @register_task("gsm8k")

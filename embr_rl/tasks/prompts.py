@@ -8,9 +8,7 @@ from embr_rl.tasks.base import Problem
 
 # The d1 protocol asks for the reasoning and the final answer in tagged sections.
 D1_SYSTEM_PROMPT = (
-    "Respond in the following format:\n"
-    "<reasoning>\n...\n</reasoning>\n"
-    "<answer>\n...\n</answer>"
+    "Respond in the following format:\n<reasoning>\n...\n</reasoning>\n<answer>\n...\n</answer>"
 )
 
 # LLaDA-8B-Instruct's chat layout, used for tokenizers that carry no chat template.
@@ -21,7 +19,9 @@ LLADA_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
 )
 
-CODE_INSTRUCTION = "Complete the following Python function. Return the whole function in a ```python block.\n\n"
+CODE_INSTRUCTION = (
+    "Complete the following Python function. Return the whole function in a ```python block.\n\n"
+)
 
 
 def format_question(problem: Problem, style: str) -> str:
@@ -29,7 +29,9 @@ def format_question(problem: Problem, style: str) -> str:
     if style == "plain":
         return problem.question
     if style == "d1":
-        body = CODE_INSTRUCTION + problem.question if problem.verifier == "code" else problem.question
+        body = (
+            CODE_INSTRUCTION + problem.question if problem.verifier == "code" else problem.question
+        )
         return f"{D1_SYSTEM_PROMPT}\n\n{body}"
     raise ValueError(f"unknown prompt format {style!r}; allowed: 'plain', 'd1'")
 

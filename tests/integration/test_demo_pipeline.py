@@ -26,9 +26,19 @@ SMALL = [
 
 def _run(module: str, run_dir: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", module, str(REPO / "configs" / "demo.yaml"),
-         f"logging.run_dir={run_dir}", *SMALL, *extra],
-        capture_output=True, text=True, cwd=REPO, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            module,
+            str(REPO / "configs" / "demo.yaml"),
+            f"logging.run_dir={run_dir}",
+            *SMALL,
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
     )
 
 

@@ -181,3 +181,22 @@ def test_encoder_accepts_hf_style_callables_and_encode_with_kwargs() -> None:
     assert make_encoder(HFLike())("abc") == [3]
     with pytest.raises(TypeError, match=r"tokenizer must have \.encode"):
         make_encoder(42)
+
+
+def test_a_hugging_face_tokenizer_is_used_without_special_tokens(tmp_path: Path) -> None:
+    tokenizers = pytest.importorskip("tokenizers")
+    transformers = pytest.importorskip("transformers")
+    vocab = {"[UNK]": 0, "[BOS]": 1, "2+3": 2, "5": 3, "6": 4}
+    core = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    core.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    core.post_processor = tokenizers.processors.TemplateProcessing(
+        single="[BOS] $A", special_tokens=[("[BOS]", 1)]
+    )
+    hf = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=core, unk_token="[UNK]", bos_token="[BOS]"
+    )
+    assert hf.encode("5") == [1, 3]  # the post-processor would add BOS
+    data = load_offline(_jsonl(tmp_path / "p.jsonl", PAIRS[:1]), hf, cache_dir=tmp_path)
+    assert data.table.column("prompt_ids").to_pylist() == [[2], [2]]
+    assert data.table.column("completion_ids").to_pylist() == [[3], [4]]
+    assert load_offline(tmp_path / "p.jsonl", hf, cache_dir=tmp_path).cache_hit

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from embr_rl.config import ModelConfig
+from embr_rl.config import BuiltinModelConfig, ModelConfig
 from embr_rl.models import EmbrDiffusionModel
 from embr_rl.models.loader import (
     ModelLoadError,
@@ -24,7 +24,6 @@ from embr_rl.models.tokenizer import (
     encode_prompts,
     train_char_tokenizer,
 )
-from embr_rl.config import BuiltinModelConfig
 
 ALPHABET = "0123456789+-=;\\boxed{}"
 
@@ -94,7 +93,7 @@ def test_missing_mask_token_is_a_clear_error() -> None:
         def get_vocab(self) -> dict[str, int]:
             return {"a": 0, "b": 1}
 
-    with pytest.raises(ModelLoadError, match="set model.mask_token_id"):
+    with pytest.raises(ModelLoadError, match=r"set model\.mask_token_id"):
         find_mask_token_id(object(), NoMask())  # type: ignore[arg-type]
 
     class LLaDALike(NoMask):
@@ -125,3 +124,63 @@ def test_dtype_resolution() -> None:
     assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
     assert resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
     assert resolve_dtype("float16", torch.device("cpu")) == torch.float16
+
+
+REMOTE_CODE = '''
+import torch
+from transformers import PretrainedConfig, PreTrainedModel
+from transformers.utils import ModelOutput
+
+
+class RemoteDllmConfig(PretrainedConfig):
+    model_type = "remote_dllm"
+
+    def __init__(self, vocab_size=32, hidden=8, mask_token_id=None, **kw):
+        self.vocab_size, self.hidden, self.mask_token_id = vocab_size, hidden, mask_token_id
+        super().__init__(**kw)
+
+
+class RemoteDllm(PreTrainedModel):
+    config_class = RemoteDllmConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.emb = torch.nn.Embedding(config.vocab_size, config.hidden)
+        self.out = torch.nn.Linear(config.hidden, config.vocab_size)
+        self.post_init()
+
+    def forward(self, input_ids, attention_mask=None, **kw):
+        return ModelOutput(logits=self.out(self.emb(input_ids)))
+'''
+
+
+def _remote_code_model(tmp_path: Path, tok) -> Path:
+    """A local checkpoint that, like LLaDA, ships its modelling code (auto_map)."""
+    import json
+
+    import importlib.util
+
+    code = tmp_path / "modeling_remote.py"
+    code.write_text(REMOTE_CODE)
+    spec = importlib.util.spec_from_file_location("modeling_remote_for_test", code)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    model = mod.RemoteDllm(mod.RemoteDllmConfig(vocab_size=len(tok), mask_token_id=None))
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["auto_map"] = {
+        "AutoConfig": "modeling_remote.RemoteDllmConfig",
+        "AutoModel": "modeling_remote.RemoteDllm",
+    }
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    return tmp_path
+
+
+def test_remote_code_model_needs_trust_and_then_loads(tmp_path: Path, tok) -> None:
+    path = _remote_code_model(tmp_path, tok)
+    with pytest.raises(ModelLoadError, match=r"model\.trust_remote_code=true"):
+        load_model(ModelConfig(path=str(path), device="cpu"))
+    loaded = load_model(ModelConfig(path=str(path), device="cpu", trust_remote_code=True))
+    assert type(loaded.model).__name__ == "RemoteDllm"
+    assert loaded.mask_token_id == tok.mask_token_id  # found through the tokenizer

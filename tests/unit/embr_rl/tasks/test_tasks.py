@@ -44,7 +44,7 @@ def test_limit_and_bad_split_and_missing_file(shared_data: Path, tmp_path: Path)
     assert len(load_task(_cfg("math500", shared_data, limit=7), "test")) == 7
     with pytest.raises(ValueError, match="unknown split 'train' for task 'math500'"):
         load_task(_cfg("math500", shared_data), "train")
-    with pytest.raises(FileNotFoundError, match="gsm8k_test.jsonl not found"):
+    with pytest.raises(FileNotFoundError, match=r"gsm8k_test\.jsonl not found"):
         load_task(_cfg("gsm8k", tmp_path), "test")
 
 
