@@ -330,16 +330,17 @@ def generate(
             break
         schedule = num_transfer_tokens(x[live, start:end] == mask_id, steps_per_block)
         kv = None
-        rows, local = live, torch.arange(live.numel(), device=device)
+        rows, sched_row = live, torch.arange(live.numel(), device=device)
         step = 0
         while threshold is not None or step < steps_per_block:
             if step > 0:
                 pending = (x[rows, start:end] == mask_id).any(1)
                 if not bool(pending.all()):
-                    rows, local = rows[pending], local[pending]
+                    keep = pending.nonzero().squeeze(1)
                     if kv is not None:
-                        kv = kv.select_rows(torch.cat([local, local + live.numel()]) if cfg_scale > 0 else local)
-                        local = torch.arange(rows.numel(), device=device)
+                        both = torch.cat([keep, keep + rows.numel()]) if cfg_scale > 0 else keep
+                        kv = kv.select_rows(both)
+                    rows, sched_row = rows[keep], sched_row[keep]
                 if rows.numel() == 0:
                     break
             if cache is None:
@@ -350,13 +351,16 @@ def generate(
                     kv = full_kv.select_positions(slice(0, start))
                 else:
                     keep = torch.cat(
-                        [torch.arange(start, device=device), torch.arange(end, p + gen_length, device=device)]
+                        [
+                            torch.arange(start, device=device),
+                            torch.arange(end, p + gen_length, device=device),
+                        ]
                     )
                     kv = full_kv.select_positions(keep)
             else:
                 stop = p + gen_length if cache == "prefix" else end
                 logits = fwd.partial(x, rows, start, stop, end, kv)
-            k = schedule[local, step] if threshold is None else None
+            k = schedule[sched_row, step] if threshold is None else None
             x[rows, start:end] = _commit_block(
                 x[rows, start:end], logits, k, threshold, mask_id, temperature, remasking, generator
             )

@@ -126,7 +126,7 @@ def test_dtype_resolution() -> None:
     assert resolve_dtype("float16", torch.device("cpu")) == torch.float16
 
 
-REMOTE_CODE = '''
+REMOTE_CODE = """
 import torch
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.utils import ModelOutput
@@ -151,14 +151,13 @@ class RemoteDllm(PreTrainedModel):
 
     def forward(self, input_ids, attention_mask=None, **kw):
         return ModelOutput(logits=self.out(self.emb(input_ids)))
-'''
+"""
 
 
 def _remote_code_model(tmp_path: Path, tok) -> Path:
     """A local checkpoint that, like LLaDA, ships its modelling code (auto_map)."""
-    import json
-
     import importlib.util
+    import json
 
     code = tmp_path / "modeling_remote.py"
     code.write_text(REMOTE_CODE)
