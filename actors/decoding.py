@@ -180,22 +180,24 @@ class _Forward:
     def _rows2(self, rows: torch.Tensor) -> torch.Tensor:
         return torch.cat([rows, rows]) if self.cfg_scale > 0 else rows
 
-    def _finish(self, logits: torch.Tensor) -> torch.Tensor:
+    def _finish(self, logits: torch.Tensor, seq: torch.Tensor) -> torch.Tensor:
         self.stats.forward_passes += 1
-        self.stats.positions_computed += logits.shape[0] * logits.shape[1]
+        self.stats.positions_computed += seq.numel()
         if self.cfg_scale > 0:
             cond, unc = logits.chunk(2, dim=0)
             logits = unc + (self.cfg_scale + 1) * (cond - unc)
-        if self.suppress is not None:
+        # The mask token is never a prediction: committing it would leave the position masked.
+        banned = [self.mask_id] if self.suppress is None else [self.mask_id, self.suppress]
+        if banned[0] < logits.shape[-1]:
             logits = logits.clone()
-            logits[..., self.suppress] = float("-inf")
+            logits[..., banned] = float("-inf")
         return logits
 
     def full(self, x: torch.Tensor, rows: torch.Tensor, start: int, end: int) -> torch.Tensor:
         """Block logits [R, end - start, V] from a forward over the whole sequence."""
         seq, mask = self._inputs(x, rows)
         logits = self.model(input_ids=seq, attention_mask=mask).logits
-        return self._finish(logits[:, start:end])
+        return self._finish(logits[:, start:end], seq)
 
     def full_with_cache(
         self, x: torch.Tensor, rows: torch.Tensor, start: int, end: int
@@ -208,7 +210,7 @@ class _Forward:
             position_ids=self.positions[self._rows2(rows)],
             use_cache=True,
         )
-        return self._finish(out.logits[:, start:end]), out.kv_cache
+        return self._finish(out.logits[:, start:end], seq), out.kv_cache
 
     def partial(
         self, x: torch.Tensor, rows: torch.Tensor, start: int, stop: int, end: int, kv: Any
@@ -222,7 +224,7 @@ class _Forward:
             position_ids=self.positions[rows2, start:stop],
             kv_cache=kv,
         )
-        return self._finish(out.logits[:, : end - start])
+        return self._finish(out.logits[:, : end - start], seq)
 
 
 def _commit_block(

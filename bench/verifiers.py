@@ -4,7 +4,7 @@ Prints math checks per second (cheap normal-form path and symbolic path), sandbo
 HumanEval runs per second with 1 and 2 workers, and the sandbox's cost against running
 the same program as a bare subprocess, as ratios.
 
-    .venv/bin/python bench/verifiers.py [--problems 48] [--data ../shared/data]
+    .venv/bin/python bench/verifiers.py [--problems 48] [--repeats 3] [--data ../shared/data]
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -56,7 +57,7 @@ def _bare(python: str, program: str) -> bool:
     return res.returncode == 0
 
 
-def bench_code(data: Path, n: int) -> None:
+def bench_code(data: Path, n: int, repeats: int) -> None:
     with gzip.open(data / "HumanEval.jsonl.gz", "rt") as fh:
         rows = [json.loads(line) for line in fh][:n]
     jobs = [(r["prompt"] + r["canonical_solution"], r["test"], r["entry_point"]) for r in rows]
@@ -64,42 +65,50 @@ def bench_code(data: Path, n: int) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", IsolationWarning)
         mode = resolve_mode("auto")
-        run_many(jobs[:2], 1)  # warm caches
+        run_many(jobs[:2], 1)  # warm caches and the isolation probe
 
-        t = time.perf_counter()
-        ok_bare = sum(_bare(python, f"{p}\n{t_}\ncheck({e})\n") for p, t_, e in jobs)
-        bare = time.perf_counter() - t
-        timings = {}
-        for label, kw in (
-            (f"{mode}, 1 worker", {"max_workers": 1}),
-            (f"{mode}, 2 workers", {"max_workers": 2}),
-            ("rlimit, 1 worker", {"max_workers": 1, "mode": "rlimit"}),
-        ):
-            t = time.perf_counter()
-            res = run_many(jobs, **kw)
-            timings[label] = time.perf_counter() - t
-            print(
-                f"humaneval {label:18s}: {_rate(len(jobs), timings[label]):7.1f} runs/s "
-                f"({sum(r.passed for r in res)}/{len(jobs)} passed)"
-            )
-    print(
-        f"humaneval bare subprocess   : {_rate(len(jobs), bare):7.1f} runs/s ({ok_bare}/{len(jobs)} passed)"
+        def bare() -> int:
+            return sum(_bare(python, f"{p}\n{t}\ncheck({e})\n") for p, t, e in jobs)
+
+        configs = {
+            "bare subprocess, 1 worker": bare,
+            f"{mode}, 1 worker": lambda: sum(r.passed for r in run_many(jobs, 1)),
+            f"{mode}, 2 workers": lambda: sum(r.passed for r in run_many(jobs, 2)),
+            "rlimit, 1 worker": lambda: sum(r.passed for r in run_many(jobs, 1, mode="rlimit")),
+        }
+        times: dict[str, list[float]] = {k: [] for k in configs}
+        passed: dict[str, int] = {}
+        for _ in range(repeats):  # round-robin, so drift on a shared machine hits all alike
+            for name, fn in configs.items():
+                t = time.perf_counter()
+                passed[name] = fn()
+                times[name].append(time.perf_counter() - t)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    for name in configs:
+        print(
+            f"humaneval {name:26s}: {_rate(len(jobs), med[name]):6.1f} runs/s, "
+            f"{1000 * med[name] / len(jobs):6.1f} ms/run ({passed[name]}/{len(jobs)} passed)"
+        )
+    bare_t, one, two = (
+        med["bare subprocess, 1 worker"],
+        med[f"{mode}, 1 worker"],
+        med[f"{mode}, 2 workers"],
     )
-    one, two = timings[f"{mode}, 1 worker"], timings[f"{mode}, 2 workers"]
-    print(f"ratio 2 workers / 1 worker throughput : {one / two:.2f}x")
-    print(f"ratio {mode} sandbox / bare subprocess time: {one / bare:.2f}x")
-    print(f"ratio rlimit sandbox / bare subprocess time: {timings['rlimit, 1 worker'] / bare:.2f}x")
+    print(f"ratio {mode} 2 workers / 1 worker throughput: {one / two:.2f}x")
+    print(f"ratio {mode} sandbox / bare subprocess time : {one / bare_t:.2f}x")
+    print(f"ratio rlimit sandbox / bare subprocess time: {med['rlimit, 1 worker'] / bare_t:.2f}x")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--problems", type=int, default=48, help="HumanEval problems per measurement")
+    ap.add_argument("--repeats", type=int, default=3, help="round-robin repeats (median)")
     ap.add_argument(
         "--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data"
     )
     args = ap.parse_args()
     bench_math(args.data)
-    bench_code(args.data, args.problems)
+    bench_code(args.data, args.problems, args.repeats)
 
 
 if __name__ == "__main__":

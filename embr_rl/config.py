@@ -199,6 +199,11 @@ class LearnerConfig:
     broadcast: str = field_("torch_dist", choices=["torch_dist", "object_store"])
     sync_every: int = field_(1, ge=1)
     bucket_mb: float = field_(256.0, gt=0)
+    # Learner ranks' process group and the weight-sync group; "auto": NCCL on GPU, else gloo.
+    dist_backend: str = field_("auto", choices=["auto", "gloo", "nccl"])
+    sync_backend: str = field_("auto", choices=["auto", "gloo", "nccl"])
+    sync_timeout_s: float = field_(300.0, gt=0)
+    placement_strategy: str = field_("PACK", choices=["PACK", "STRICT_PACK", "SPREAD"])
 
 
 @dataclass

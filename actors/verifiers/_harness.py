@@ -64,7 +64,8 @@ def main() -> None:
         job = json.load(fh)
     out_fd = job["result_fd"]
     token_fd = job["token_fd"]
-    write, dumps, exit_ = os.write, json.dumps, os._exit
+    # Bound now: the program may replace os.read/os.write/os._exit on the shared module.
+    read, write, dumps, exit_ = os.read, os.write, json.dumps, os._exit
 
     def report(event: str, **kw: object) -> None:
         with contextlib.suppress(Exception):
@@ -74,7 +75,7 @@ def main() -> None:
         """The last event, authenticated with the token (read only now, after the
         untrusted code has stopped running), then exit."""
         try:
-            token = os.read(token_fd, 256).decode()
+            token = read(token_fd, 256).decode()
         except Exception:
             token = ""
         report(event, token=token, **kw)

@@ -227,6 +227,10 @@ def resolve_mode(mode: str = "auto", require_isolation: bool = False) -> str:
         raise ValueError(f"unknown sandbox mode {mode!r}; allowed: {', '.join(MODES)}")
     if mode in ("auto", "bwrap") and available("bwrap"):
         return "bwrap"
+    if require_isolation and mode in ("unshare", "rlimit"):
+        raise IsolationError(
+            f"verifier.code.require_isolation=true conflicts with verifier.code.sandbox={mode!r}"
+        )
     if require_isolation:
         raise IsolationError(
             "verifier.code.require_isolation=true but bubblewrap (bwrap) cannot run here; "

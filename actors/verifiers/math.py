@@ -179,6 +179,11 @@ def _serve() -> None:
     logging.disable(logging.CRITICAL)
     from math_verify import parse, verify
 
+    verify(
+        parse("$x+1$", parsing_timeout=None),
+        parse("$1+x$", parsing_timeout=None),
+        timeout_seconds=None,
+    )
     proto.write("ready\n")
     proto.flush()
     for line in sys.stdin:

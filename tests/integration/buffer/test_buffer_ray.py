@@ -74,6 +74,20 @@ def _actors(ray: Any) -> tuple[Any, Any]:
     return Producer, Consumer
 
 
+def _rows(prefix: str, n: int) -> pa.Table:
+    return pa.table(
+        {
+            "sample_id": [f"{prefix}-{i}" for i in range(n)],
+            "prompt_id": [f"q{i % 40}" for i in range(n)],
+            "prompt_ids": pa.array([[1]] * n, pa.list_(pa.int32())),
+            "completion_ids": pa.array([[i % 9] for i in range(n)], pa.list_(pa.int32())),
+            "reward": [float(i % 3) for i in range(n)],
+            "policy_version": [1] * n,
+            "task": ["arith"] * n,
+        }
+    )
+
+
 def _expected() -> set[str]:
     return {f"w{w}-{i}" for w in range(2) for i in range(PER_PRODUCER)}
 
@@ -82,18 +96,22 @@ def _expected() -> set[str]:
 def test_two_producers_one_consumer_exchange_10000_rows(ray_session: Any) -> None:
     ray = ray_session
     Producer, Consumer = _actors(ray)
-    # Back-pressure on: producers wait whenever more than 2 pops' worth is unread.
+    # Back-pressure on: producers wait while more than 2 draws' worth is unread. The driver
+    # draws once first (100 rows), so every later add of 250 rows asks its producer to wait.
     buf = ray.remote(ExperienceBuffer).options(num_cpus=0).remote(TOTAL * 2, max_lag=2)
+    ray.get(buf.add.remote(_rows("warm", 100)))
+    assert ray.get(buf.pop.remote(100)).num_rows == 100
     producers = [Producer.remote() for _ in range(2)]
     consumer = Consumer.remote()
-    got_ref = consumer.run.remote(buf, TOTAL, 300, 120.0)
+    got_ref = consumer.run.remote(buf, TOTAL, 100, 120.0)
     runs = ray.get([p.run.remote(buf, w, PER_PRODUCER, BATCH) for w, p in enumerate(producers)])
     got = ray.get(got_ref)
+    assert all(r["waits"] >= PER_PRODUCER // BATCH for r in runs), runs
     assert len(got) == TOTAL, f"lost {TOTAL - len(got)} rows"
     assert len(set(got)) == TOTAL, "rows delivered twice"
     assert set(got) == _expected()
     stats = ray.get(buf.stats.remote())
-    assert stats["buffer/rows_added"] == TOTAL and stats["buffer/popped"] == TOTAL
+    assert stats["buffer/rows_added"] == TOTAL + 100 and stats["buffer/popped"] == TOTAL + 100
     assert stats["buffer/evicted"] == 0 and stats["buffer/size"] == 0
     assert sum(r["sent"] for r in runs) == TOTAL
     for actor in (*producers, consumer, buf):
@@ -111,17 +129,7 @@ def test_sharded_router_over_ray_actors(ray_session: Any) -> None:
     # The router is a plain object: it travels to the producer and routes there.
     ray.get(producer.run.remote(router, 0, 1000, BATCH, True))
 
-    rows = pa.table(
-        {
-            "sample_id": [f"d-{i}" for i in range(2000)],
-            "prompt_id": [f"q{i % 40}" for i in range(2000)],
-            "prompt_ids": pa.array([[1]] * 2000, pa.list_(pa.int32())),
-            "completion_ids": pa.array([[i % 9] for i in range(2000)], pa.list_(pa.int32())),
-            "reward": [float(i % 3) for i in range(2000)],
-            "policy_version": [1] * 2000,
-            "task": ["arith"] * 2000,
-        }
-    )
+    rows = _rows("d", 2000)
     result = router.add(rows)
     assert result.accepted == 2000 and result.size == 3000
     sizes = ray.get([s.size.remote() for s in shards])

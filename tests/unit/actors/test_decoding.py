@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from actors.decoding import DecodeStats, generate, num_transfer_tokens
-from tests.conftest import TINY_MASK_ID
+from tests.conftest import TINY_MASK_ID, TINY_VOCAB
 
 
 def test_transfer_schedule_even_split_remainder_first() -> None:
@@ -128,3 +128,287 @@ def test_invalid_arguments_raise_clear_errors(tiny_model, kwargs: dict, match: s
     kwargs.setdefault("mask_id", TINY_MASK_ID)
     with pytest.raises(ValueError, match=match):
         generate(tiny_model, ids, mask, **kwargs)
+
+
+# --------------------------------------------------------------------------- exactness
+
+
+def _sharp_model(seed: int = 0, vocab: int = TINY_VOCAB) -> torch.nn.Module:
+    """A random built-in model with a large init, so its softmax is peaked (no near-ties)."""
+    from embr_rl.models import EmbrDiffusionConfig, EmbrDiffusionModel
+
+    torch.manual_seed(seed)
+    cfg = EmbrDiffusionConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        initializer_range=0.3,
+        mask_token_id=TINY_MASK_ID,
+    )
+    return EmbrDiffusionModel(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def sharp_model() -> torch.nn.Module:
+    return _sharp_model()
+
+
+@torch.no_grad()
+def reference_generate(
+    model: torch.nn.Module,
+    prompt: torch.Tensor,
+    attention_mask: torch.Tensor,
+    gen_length: int,
+    block_length: int,
+    steps: int,
+    mask_id: int,
+) -> torch.Tensor:
+    """LLaDA's generator at temperature 0, written out plainly (one row at a time for top-k)."""
+    b, p = prompt.shape
+    x = torch.full((b, p + gen_length), mask_id, dtype=torch.long)
+    x[:, :p] = prompt
+    full_mask = torch.cat([attention_mask, torch.ones(b, gen_length, dtype=torch.long)], dim=1)
+    num_blocks = gen_length // block_length
+    steps_per_block = steps // num_blocks
+    for nb in range(num_blocks):
+        start, end = p + nb * block_length, p + (nb + 1) * block_length
+        counts = (x[:, start:end] == mask_id).sum(1).tolist()
+        plan = [
+            [c // steps_per_block + (i < c % steps_per_block) for i in range(steps_per_block)]
+            for c in counts
+        ]
+        for i in range(steps_per_block):
+            mask_index = x == mask_id
+            logits = model(input_ids=x, attention_mask=full_mask).logits
+            logits[..., mask_id] = float("-inf")
+            x0 = logits.argmax(-1)
+            probs = torch.softmax(logits.double(), dim=-1)
+            x0_p = torch.gather(probs, -1, x0[..., None]).squeeze(-1)
+            x0_p[:, end:] = float("-inf")
+            x0 = torch.where(mask_index, x0, x)
+            confidence = torch.where(mask_index, x0_p, torch.tensor(float("-inf")).double())
+            for j in range(b):
+                _, idx = torch.topk(confidence[j], k=plan[j][i])
+                x[j, idx] = x0[j, idx]
+    return x
+
+
+def _mixed_prompts() -> tuple[torch.Tensor, torch.Tensor]:
+    """Three left-padded prompts of lengths 3, 6 and 1."""
+    ids = torch.tensor([[0, 0, 0, 9, 4, 12], [3, 4, 5, 6, 7, 8], [0, 0, 0, 0, 0, 20]])
+    mask = (torch.arange(6)[None] >= torch.tensor([[3], [0], [5]])).long()
+    return ids, mask
+
+
+@pytest.mark.parametrize(
+    ("gen_length", "block_length", "steps"),
+    [(8, 8, 8), (8, 8, 3), (12, 4, 6), (16, 8, 4), (12, 4, 3)],
+)
+def test_exact_mode_matches_reference_token_for_token(
+    sharp_model, gen_length: int, block_length: int, steps: int
+) -> None:
+    ids, mask = _mixed_prompts()
+    kw = dict(gen_length=gen_length, block_length=block_length, steps=steps, mask_id=TINY_MASK_ID)
+    out = generate(sharp_model, ids, mask, **kw)
+    ref = reference_generate(sharp_model, ids, mask, **kw)
+    assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize(
+    "fast",
+    [
+        {},
+        {"threshold": 0.5},
+        {"cache": "prefix"},
+        {"cache": "dual", "threshold": 0.7},
+        {"cfg_scale": 1.5, "cache": "dual"},
+    ],
+)
+def test_left_padded_rows_equal_decoding_each_alone(sharp_model, fast: dict) -> None:
+    ids, mask = _mixed_prompts()
+    kw = dict(gen_length=8, block_length=4, steps=8, mask_id=TINY_MASK_ID, **fast)
+    batch = generate(sharp_model, ids, mask, **kw)
+    for row in range(ids.shape[0]):
+        real = ids[row, mask[row].bool()][None]
+        alone = generate(sharp_model, real, **kw)
+        assert torch.equal(batch[row, -8:], alone[0, -8:]), f"row {row}"
+
+
+def test_cfg_zero_scale_matches_plain_and_positive_scale_runs(sharp_model) -> None:
+    ids, mask = _mixed_prompts()
+    kw = dict(gen_length=8, block_length=4, steps=4, mask_id=TINY_MASK_ID)
+    stats = DecodeStats()
+    out = generate(sharp_model, ids, mask, cfg_scale=2.0, stats=stats, **kw)
+    assert not (out == TINY_MASK_ID).any() and stats.forward_passes == 4
+    # The guided batch is doubled: conditional rows then unconditional ones.
+    assert stats.positions_computed == 4 * 2 * 3 * 14
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def _chi2_critical(df: int, z: float = 3.0902) -> float:
+    """Wilson-Hilferty approximation of the chi-square quantile (z=3.09: alpha = 1e-3)."""
+    return df * (1 - 2 / (9 * df) + z * (2 / (9 * df)) ** 0.5) ** 3
+
+
+def test_sampled_token_distribution_matches_softmax_over_temperature(sharp_model) -> None:
+    n, temperature = 6000, 0.7
+    prompt = torch.tensor([[5, 9, 2]]).expand(n, -1)
+    out = generate(
+        sharp_model,
+        prompt,
+        gen_length=1,
+        block_length=1,
+        steps=1,
+        mask_id=TINY_MASK_ID,
+        temperature=temperature,
+        generator=torch.Generator().manual_seed(11),
+    )
+    with torch.no_grad():
+        x = torch.tensor([[5, 9, 2, TINY_MASK_ID]])
+        logits = sharp_model(input_ids=x).logits[0, -1].double()
+    logits[TINY_MASK_ID] = float("-inf")
+    expected = torch.softmax(logits / temperature, -1) * n
+    observed = torch.bincount(out[:, -1], minlength=TINY_VOCAB).double()
+    big = expected >= 5
+    obs = torch.cat([observed[big], observed[~big].sum()[None]])
+    exp = torch.cat([expected[big], expected[~big].sum()[None]])
+    if exp[-1] < 5:  # fold the rare tail into the smallest kept category
+        obs, exp = obs[:-1], exp[:-1]
+        obs[exp.argmin()] += observed[~big].sum()
+        exp[exp.argmin()] += expected[~big].sum()
+    df = obs.numel() - 1
+    assert df >= 3
+    chi2 = float(((obs - exp) ** 2 / exp).sum())
+    assert chi2 < _chi2_critical(df), (chi2, df)
+
+
+@pytest.mark.parametrize("fast", [{}, {"threshold": 0.3, "cache": "prefix"}, {"cache": "dual"}])
+def test_seeded_sampling_is_reproducible_in_every_mode(sharp_model, fast: dict) -> None:
+    ids, mask = _mixed_prompts()
+    kw = dict(gen_length=8, block_length=4, steps=4, mask_id=TINY_MASK_ID, temperature=0.9, **fast)
+    a = generate(sharp_model, ids, mask, generator=torch.Generator().manual_seed(5), **kw)
+    b = generate(sharp_model, ids, mask, generator=torch.Generator().manual_seed(5), **kw)
+    c = generate(sharp_model, ids, mask, generator=torch.Generator().manual_seed(6), **kw)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+# --------------------------------------------------------------------------- fast modes
+
+
+@pytest.mark.parametrize("cfg_scale", [0.0, 1.0])
+def test_cached_forward_reproduces_the_full_forward(sharp_model, cfg_scale: float) -> None:
+    from actors.decoding import _Forward
+
+    ids, mask = _mixed_prompts()
+    p, g = ids.shape[1], 8
+    x = torch.cat([ids, torch.full((3, g), TINY_MASK_ID)], dim=1)
+    x[:, p : p + 3] = torch.tensor([4, 5, 6])
+    full_mask = torch.cat([mask, torch.ones(3, g, dtype=torch.long)], dim=1)
+    fwd = _Forward(sharp_model, full_mask, p, TINY_MASK_ID, cfg_scale, None, False, DecodeStats())
+    rows = torch.tensor([2, 0])
+    start, end = p + 4, p + 8
+    want = fwd.full(x, rows, start, end)
+    got, kv = fwd.full_with_cache(x, rows, start, end)
+    torch.testing.assert_close(got, want)
+    prefix = kv.select_positions(slice(0, start))
+    torch.testing.assert_close(fwd.partial(x, rows, start, p + g, end, prefix), want)
+    keep = torch.cat([torch.arange(start), torch.arange(end, p + g)])
+    torch.testing.assert_close(
+        fwd.partial(x, rows, start, end, end, kv.select_positions(keep)), want
+    )
+
+
+def test_prefix_and_dual_cache_compute_fewer_positions(sharp_model) -> None:
+    ids, mask = _mixed_prompts()
+    kw = dict(gen_length=8, block_length=4, steps=8, mask_id=TINY_MASK_ID)
+    counts = {}
+    for cache in (None, "prefix", "dual"):
+        stats = DecodeStats()
+        out = generate(sharp_model, ids, mask, cache=cache, stats=stats, **kw)
+        assert not (out == TINY_MASK_ID).any() and stats.forward_passes == 8
+        counts[cache] = stats.positions_computed
+    total = 6 + 8  # prompt width + window
+    assert counts[None] == 3 * 8 * total
+    # Per block: one full forward, then 3 steps on block+suffix (prefix) or block (dual).
+    assert counts["prefix"] == 3 * (2 * total + 3 * 8 + 3 * 4)
+    assert counts["dual"] == 3 * (2 * total + 3 * 4 + 3 * 4)
+
+
+def test_threshold_one_per_block_forward_with_cache(sharp_model) -> None:
+    ids, mask = _mixed_prompts()
+    stats = DecodeStats()
+    out = generate(
+        sharp_model,
+        ids,
+        mask,
+        gen_length=12,
+        block_length=4,
+        steps=12,
+        mask_id=TINY_MASK_ID,
+        threshold=1e-9,
+        cache="dual",
+        stats=stats,
+    )
+    assert stats.forward_passes == 3 and not (out == TINY_MASK_ID).any()
+
+
+def test_cache_on_a_model_without_one_warns_and_decodes_exactly(sharp_model) -> None:
+    class NoCache(torch.nn.Module):
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask)
+
+    ids, mask = _mixed_prompts()
+    kw = dict(gen_length=8, block_length=4, steps=4, mask_id=TINY_MASK_ID)
+    with pytest.warns(UserWarning, match="no key/value cache"):
+        out = generate(NoCache(sharp_model), ids, mask, cache="prefix", **kw)
+    assert torch.equal(out, generate(sharp_model, ids, mask, **kw))
+
+
+class _Scripted(torch.nn.Module):
+    """Logits set by each row's first prompt token: 2 -> EOS (1) sure; 3 -> token 7 unsure."""
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        b, t = input_ids.shape
+        logits = torch.zeros(b, t, TINY_VOCAB)
+        eos_row = input_ids[:, 0] == 2
+        logits[eos_row, :, 1] = 10.0
+        logits[~eos_row, :, 7] = 1.0
+        # A slightly rising bonus so one position of an unsure row wins each step.
+        logits[~eos_row, :, 7] += torch.linspace(0, 0.1, t)
+
+        class Out:
+            pass
+
+        out = Out()
+        out.logits = logits
+        return out
+
+
+def test_finished_rows_stop_costing_compute() -> None:
+    model = _Scripted()
+    ids = torch.tensor([[2, 5], [3, 5]])
+    stats = DecodeStats()
+    out = generate(
+        model,
+        ids,
+        gen_length=8,
+        block_length=4,
+        steps=8,
+        mask_id=TINY_MASK_ID,
+        threshold=0.9,
+        eos_id=1,
+        stop_at_eos=True,
+        stats=stats,
+    )
+    assert (out[0, 2:] == 1).all() and (out[1, 2:] == 7).all()
+    # Block 1: both rows once, then row 1 alone 3 more times; block 2: row 1 alone 4 times.
+    assert stats.forward_passes == 8
+    assert stats.positions_computed == 10 * (2 + 3 + 4)

@@ -124,6 +124,8 @@ def test_require_isolation_turns_fallback_into_error(monkeypatch: pytest.MonkeyP
     assert res.passed and res.isolation in ("unshare", "rlimit")
     with pytest.raises(ValueError):
         resolve_mode("docker")
+    with pytest.raises(IsolationError, match="conflicts"):
+        resolve_mode("rlimit", require_isolation=True)
 
 
 def test_config_builds_code_verifier(monkeypatch: pytest.MonkeyPatch) -> None:

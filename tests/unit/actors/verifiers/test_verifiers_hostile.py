@@ -102,6 +102,12 @@ EXIT_TRICKS = {
         "os._exit(0)\n",
         "error",
     ),
+    "patch_harness_os_functions": (
+        "import os, json\nos.read = lambda fd, n: b'f' * 32\nos.write = lambda fd, b: len(b)\n"
+        "os._exit = lambda code: None\njson.dumps = lambda obj: '{}'\n"
+        "def f():\n    return 2\n",
+        "failed",
+    ),
     "atexit_print": (
         "import atexit\natexit.register(lambda: print('PASS'))\ndef f():\n    return 2\n",
         "failed",

@@ -1,0 +1,162 @@
+"""Buffer rows -> :class:`embr_rl.losses.LossBatch`, rank shards and micro-batches.
+
+Prompts are left-padded (with an attention mask), completions right-padded, and the
+likelihood span is built with :func:`embr_rl.masking.span_mask` (``algo.likelihood_span``)
+over the real completion positions. A :class:`buffer.PairBatch` becomes rows interleaved
+``first[0], second[0], first[1], ...`` with ``pairs = [[0, 1], [2, 3], ...]``, so any split
+on an even row boundary keeps every pair whole.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torch import Tensor
+
+from buffer.replay import PairBatch
+from buffer.schema import token_matrix
+from embr_rl.losses import LossBatch, LossModels
+from embr_rl.masking import span_mask
+
+__all__ = ["TokenIds", "pairs_to_batch", "rows_to_batch", "shard", "split_batch", "to_loss_batch"]
+
+
+@dataclass(frozen=True)
+class TokenIds:
+    """Special ids the converter needs: padding, and EOS for ``likelihood_span='until_eos'``."""
+
+    pad_id: int = 0
+    eos_id: int | None = None
+
+
+def _left_pad(table: pa.Table, column: str, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    right, lengths = token_matrix(table, column, pad_id=pad_id)
+    width = right.shape[1]
+    if width == 0:
+        return right, np.zeros_like(right, dtype=bool)
+    # Left-padded position j holds right-padded position (j + len) mod width.
+    src = (np.arange(width)[None, :] + lengths[:, None]) % width
+    left = np.take_along_axis(right, src, axis=1)
+    valid = np.arange(width)[None, :] >= (width - lengths)[:, None]
+    return left, valid
+
+
+def rows_to_batch(
+    table: pa.Table,
+    models: LossModels,
+    *,
+    ids: TokenIds,
+    span: str = "window",
+    device: torch.device | str = "cpu",
+    pairs: Tensor | None = None,
+) -> LossBatch:
+    """A :class:`LossBatch` of ``table``'s rows (buffer schema); group ids from ``group_id``."""
+    if table.num_rows == 0:
+        raise ValueError("cannot build a learner batch from 0 rows")
+    prompt, pvalid = _left_pad(table, "prompt_ids", ids.pad_id)
+    comp, lengths = token_matrix(table, "completion_ids", pad_id=ids.pad_id)
+    cvalid = np.arange(comp.shape[1])[None, :] < lengths[:, None]
+    _, groups = np.unique(np.asarray(table.column("group_id").to_pylist(), dtype=object), return_inverse=True)
+    completion = torch.from_numpy(comp)
+    mask = span_mask(completion, span=span, eos_id=ids.eos_id, valid=torch.from_numpy(cvalid))
+    return LossBatch(
+        prompt_ids=torch.from_numpy(prompt).to(device),
+        completion_ids=completion.to(device),
+        rewards=torch.from_numpy(table.column("reward").to_numpy().astype(np.float32)).to(device),
+        group_ids=torch.from_numpy(groups.astype(np.int64).reshape(-1)).to(device),
+        models=models,
+        prompt_attention_mask=None if pvalid.all() else torch.from_numpy(pvalid.astype(np.int64)).to(device),
+        completion_mask=None if bool(mask.all()) else mask.to(device),
+        pairs=None if pairs is None else pairs.to(device),
+    )
+
+
+def pairs_to_batch(
+    pair_batch: PairBatch,
+    models: LossModels,
+    *,
+    ids: TokenIds,
+    span: str = "window",
+    device: torch.device | str = "cpu",
+) -> LossBatch:
+    """Rows interleaved ``first[i], second[i]`` with explicit ``pairs`` [n, 2]."""
+    n = len(pair_batch)
+    both = pa.concat_tables([pair_batch.first, pair_batch.second])
+    order = np.stack([np.arange(n), np.arange(n) + n], axis=1).reshape(-1)
+    pairs = torch.arange(2 * n, dtype=torch.long).view(n, 2)
+    # Pairs share a prompt by construction: group by prompt, whatever group_id says.
+    rows = both.take(pa.array(order)).set_column(
+        both.schema.get_field_index("group_id"), "group_id", both.take(pa.array(order)).column("prompt_id")
+    )
+    return rows_to_batch(rows, models, ids=ids, span=span, device=device, pairs=pairs)
+
+
+def to_loss_batch(
+    data: pa.Table | PairBatch | LossBatch,
+    models: LossModels,
+    *,
+    ids: TokenIds,
+    span: str = "window",
+    device: torch.device | str = "cpu",
+) -> LossBatch:
+    """Dispatch on what the buffer returned (``sample`` -> Table, ``sample_pairs`` -> PairBatch)."""
+    if isinstance(data, LossBatch):
+        return data
+    if isinstance(data, PairBatch):
+        return pairs_to_batch(data, models, ids=ids, span=span, device=device)
+    if isinstance(data, pa.Table):
+        return rows_to_batch(data, models, ids=ids, span=span, device=device)
+    raise TypeError(f"cannot train on {type(data).__name__}; expected a Table, PairBatch or LossBatch")
+
+
+def shard(data: pa.Table | PairBatch, rank: int, world_size: int) -> pa.Table | PairBatch:
+    """Rank ``rank``'s contiguous share of a global batch (rows, or pairs of a PairBatch)."""
+    n = len(data) if isinstance(data, PairBatch) else data.num_rows
+    if n % world_size:
+        raise ValueError(f"a batch of {n} cannot be split evenly over {world_size} ranks")
+    size = n // world_size
+    if isinstance(data, PairBatch):
+        return PairBatch(
+            data.first.slice(rank * size, size), data.second.slice(rank * size, size), data.equal_reward_share
+        )
+    return data.slice(rank * size, size)
+
+
+def _select(batch: LossBatch, rows: Tensor, pairs: Tensor | None) -> LossBatch:
+    def pick(t: Tensor | None) -> Tensor | None:
+        return None if t is None else t[rows]
+
+    return LossBatch(
+        prompt_ids=batch.prompt_ids[rows],
+        completion_ids=batch.completion_ids[rows],
+        rewards=batch.rewards[rows],
+        group_ids=batch.group_ids[rows],
+        models=batch.models,
+        prompt_attention_mask=pick(batch.prompt_attention_mask),
+        completion_mask=pick(batch.completion_mask),
+        pairs=pairs,
+        old_token_logp=pick(batch.old_token_logp),
+        prompt_masks=pick(batch.prompt_masks),
+    )
+
+
+def split_batch(batch: LossBatch, num: int) -> list[LossBatch]:
+    """``num`` micro-batches: contiguous rows, or (with ``pairs``) contiguous pairs, kept whole."""
+    if num == 1:
+        return [batch]
+    if batch.pairs is None:
+        n = batch.completion_ids.shape[0]
+        if n < num:
+            raise ValueError(f"{n} rows cannot fill {num} micro-batches")
+        return [_select(batch, idx, None) for idx in torch.arange(n).tensor_split(num)]
+    pairs = batch.pairs.cpu()
+    if len(pairs) < num:
+        raise ValueError(f"{len(pairs)} pairs cannot fill {num} micro-batches")
+    out = []
+    for chunk in pairs.tensor_split(num):
+        rows, local = torch.unique(chunk.reshape(-1), return_inverse=True)
+        out.append(_select(batch, rows.to(batch.rewards.device), local.view(-1, 2).to(batch.rewards.device)))
+    return out

@@ -1,0 +1,444 @@
+"""Weight broadcast from learner rank 0 to the rollout workers (DESIGN §7).
+
+Two implementations behind one small protocol, chosen once with :func:`get_broadcast`
+(keyed by ``LearnerConfig.broadcast``):
+
+- ``torch_dist``: a dedicated process group between learner rank 0 (rank 0) and the
+  workers (ranks 1..N), built from a ``TCPStore`` rendezvous without touching the default
+  group (gloo on CPU, NCCL on GPU). Each update sends a header ``[version, buckets, crc]``
+  and then one broadcast per flattened bucket.
+- ``object_store``: rank 0 puts all buckets with one ``ray.put``; every worker gets the
+  same object.
+
+Both move the tensors described by a :class:`Manifest` (names, shapes, dtypes, grouped
+into single-dtype buckets of at most ``bucket_mb``), which the workers receive once at
+connection time. A worker holds a :class:`WeightSyncClient`: ``receive`` stages a
+complete update, ``apply_pending`` swaps it into the model in one step between generation
+batches, so a generation never sees half an update.
+"""
+
+from __future__ import annotations
+
+import datetime
+import threading
+import time
+import warnings
+import zlib
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+__all__ = [
+    "BROADCASTS",
+    "BroadcastImpl",
+    "Manifest",
+    "ObjectStoreBroadcast",
+    "ObjectStoreReceiver",
+    "SyncSpec",
+    "SyncStats",
+    "TensorSpec",
+    "TorchDistBroadcast",
+    "TorchDistReceiver",
+    "WeightBroadcast",
+    "WeightReceiver",
+    "WeightSyncClient",
+    "build_manifest",
+    "flatten_bucket",
+    "get_broadcast",
+    "iter_buckets",
+    "register_broadcast",
+    "unflatten_bucket",
+]
+
+
+# --------------------------------------------------------------------------- manifest
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One tensor of an update: parameter name, full (unpartitioned) shape and dtype."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * torch.empty((), dtype=self.dtype).element_size()
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What every update carries, in order: ``buckets`` are index tuples into ``specs``."""
+
+    specs: tuple[TensorSpec, ...]
+    buckets: tuple[tuple[int, ...], ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.nbytes for s in self.specs)
+
+    def bucket_specs(self, b: int) -> list[TensorSpec]:
+        return [self.specs[i] for i in self.buckets[b]]
+
+    def checksum(self) -> int:
+        """A CRC of names, shapes, dtypes and bucket layout (both ends must agree)."""
+        text = repr([(s.name, s.shape, str(s.dtype)) for s in self.specs]) + repr(self.buckets)
+        return zlib.crc32(text.encode())
+
+
+def build_manifest(tensors: Iterable[tuple[str, Sequence[int], torch.dtype]], bucket_mb: float) -> Manifest:
+    """Group ``(name, shape, dtype)`` into single-dtype buckets of at most ``bucket_mb`` MiB.
+
+    Order is kept within a dtype; a tensor larger than a bucket gets a bucket of its own.
+    """
+    if bucket_mb <= 0:
+        raise ValueError(f"bad value for bucket_mb: {bucket_mb}; allowed: a number > 0")
+    limit = int(bucket_mb * 2**20)
+    specs = tuple(TensorSpec(n, tuple(int(x) for x in s), d) for n, s, d in tensors)
+    buckets: list[tuple[int, ...]] = []
+    open_: dict[torch.dtype, tuple[list[int], int]] = {}
+    for i, spec in enumerate(specs):
+        members, size = open_.get(spec.dtype, ([], 0))
+        if members and size + spec.nbytes > limit:
+            buckets.append(tuple(members))
+            members, size = [], 0
+        open_[spec.dtype] = ([*members, i], size + spec.nbytes)
+    buckets.extend(tuple(m) for m, _ in open_.values() if m)
+    buckets.sort(key=lambda b: b[0])
+    return Manifest(specs, tuple(buckets))
+
+
+def flatten_bucket(tensors: Sequence[Tensor]) -> Tensor:
+    """One contiguous 1-D tensor holding ``tensors`` back to back (all of one dtype)."""
+    return torch.cat([t.detach().reshape(-1) for t in tensors])
+
+
+def unflatten_bucket(flat: Tensor, specs: Sequence[TensorSpec]) -> list[Tensor]:
+    """Views of ``flat`` shaped as ``specs`` (the inverse of :func:`flatten_bucket`)."""
+    out, offset = [], 0
+    for s in specs:
+        out.append(flat[offset : offset + s.numel].view(s.shape))
+        offset += s.numel
+    if offset != flat.numel():
+        raise ValueError(f"bucket holds {flat.numel()} elements, manifest says {offset}")
+    return out
+
+
+# --------------------------------------------------------------------------- protocol
+
+
+@dataclass(frozen=True)
+class SyncSpec:
+    """How one endpoint joins the sync group: rank 0 is the learner, 1..N the workers."""
+
+    manifest: Manifest
+    rank: int = 0
+    world_size: int = 1
+    host: str = "127.0.0.1"
+    port: int = 0
+    backend: str = "gloo"
+    timeout_s: float = 300.0
+    device: str = "cpu"
+
+
+@dataclass
+class SyncStats:
+    """One update as seen by the learner: ``sync/seconds``, ``sync/bytes``, ``sync/version``."""
+
+    version: int
+    seconds: float
+    bytes: int
+
+    def metrics(self) -> dict[str, float]:
+        return {
+            "sync/seconds": self.seconds,
+            "sync/bytes": float(self.bytes),
+            "sync/version": float(self.version),
+        }
+
+
+class WeightBroadcast(Protocol):
+    """Learner-rank-0 end. ``streams``: the workers must receive while ``push`` runs."""
+
+    streams: ClassVar[bool]
+
+    def open(self, spec: SyncSpec) -> None: ...
+
+    def push(self, buckets: Iterable[Tensor], version: int) -> tuple[SyncStats, Any]:
+        """Send flattened ``buckets`` (manifest order); returns stats and the workers' handle."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class WeightReceiver(Protocol):
+    """Worker end: ``receive`` returns the update's tensors by name."""
+
+    def open(self, spec: SyncSpec) -> None: ...
+
+    def receive(self, handle: Any, version: int) -> dict[str, Tensor]: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class BroadcastImpl:
+    sender: type
+    receiver: type
+
+
+BROADCASTS: dict[str, BroadcastImpl] = {}
+
+
+def register_broadcast(name: str, sender: type, receiver: type) -> None:
+    """Register a sender/receiver pair under a ``learner.broadcast`` value."""
+    if name in BROADCASTS:
+        raise ValueError(f"broadcast {name!r} registered twice")
+    BROADCASTS[name] = BroadcastImpl(sender, receiver)
+
+
+def get_broadcast(name: str) -> BroadcastImpl:
+    """The implementation registered under ``name``; the error names the allowed values."""
+    try:
+        return BROADCASTS[name]
+    except KeyError:
+        allowed = ", ".join(sorted(BROADCASTS))
+        raise KeyError(f"bad value for 'learner.broadcast': {name!r}; allowed: {allowed}") from None
+
+
+# --------------------------------------------------------------------------- torch.distributed
+
+
+def _stateless_group(spec: SyncSpec) -> dist.ProcessGroup:
+    """A process group of its own (not the default one), rendezvous through a ``TCPStore``."""
+    timeout = datetime.timedelta(seconds=spec.timeout_s)
+    store = dist.TCPStore(
+        spec.host, spec.port, spec.world_size, spec.rank == 0, timeout=timeout, wait_for_workers=True
+    )
+    prefixed = dist.PrefixStore("embr_weight_sync", store)
+    if spec.backend == "nccl":
+        opts = dist.ProcessGroupNCCL.Options()
+        opts._timeout = timeout
+        group = dist.ProcessGroupNCCL(prefixed, spec.rank, spec.world_size, opts)
+    elif spec.backend == "gloo":
+        group = dist.ProcessGroupGloo(prefixed, spec.rank, spec.world_size, timeout)
+    else:
+        raise ValueError(f"bad value for sync backend: {spec.backend!r}; allowed: 'gloo', 'nccl'")
+    # Keep the store alive as long as the group.
+    group._embr_store = store  # type: ignore[attr-defined]
+    return group
+
+
+def _broadcast(group: dist.ProcessGroup, tensor: Tensor) -> None:
+    opts = dist.BroadcastOptions()
+    opts.rootRank = 0
+    group.broadcast([tensor], opts).wait()
+
+
+class _TorchDistBase:
+    def __init__(self) -> None:
+        self.group: dist.ProcessGroup | None = None
+        self.spec: SyncSpec | None = None
+
+    def open(self, spec: SyncSpec) -> None:
+        self.spec = spec
+        self.group = _stateless_group(spec)
+
+    def _ready(self) -> tuple[dist.ProcessGroup, SyncSpec]:
+        if self.group is None or self.spec is None:
+            raise RuntimeError("weight sync group is not open; call open(spec) first")
+        return self.group, self.spec
+
+    def close(self) -> None:
+        if self.group is not None and hasattr(self.group, "shutdown"):
+            self.group.shutdown()
+        self.group = None
+
+
+class TorchDistBroadcast(_TorchDistBase):
+    """Rank 0 of a dedicated gloo/NCCL group: header, then one broadcast per bucket."""
+
+    streams: ClassVar[bool] = True
+
+    def push(self, buckets: Iterable[Tensor], version: int) -> tuple[SyncStats, Any]:
+        group, spec = self._ready()
+        start = time.perf_counter()
+        header = torch.tensor(
+            [version, len(spec.manifest.buckets), spec.manifest.checksum()],
+            dtype=torch.int64,
+            device=spec.device,
+        )
+        _broadcast(group, header)
+        sent = 0
+        for flat in buckets:
+            flat = flat.to(spec.device).contiguous()
+            _broadcast(group, flat)
+            sent += flat.numel() * flat.element_size()
+        return SyncStats(version, time.perf_counter() - start, sent), None
+
+
+class TorchDistReceiver(_TorchDistBase):
+    """Rank >= 1 of the dedicated group; receives into freshly allocated buckets."""
+
+    def receive(self, handle: Any, version: int) -> dict[str, Tensor]:
+        group, spec = self._ready()
+        m = spec.manifest
+        header = torch.zeros(3, dtype=torch.int64, device=spec.device)
+        _broadcast(group, header)
+        got_version, num_buckets, crc = (int(x) for x in header.tolist())
+        if num_buckets != len(m.buckets) or crc != m.checksum():
+            raise RuntimeError(
+                f"weight update v{got_version} does not match this worker's manifest "
+                f"({num_buckets} buckets, crc {crc}; expected {len(m.buckets)}, {m.checksum()})"
+            )
+        if got_version != version:
+            raise RuntimeError(f"expected weight version {version}, learner sent {got_version}")
+        out: dict[str, Tensor] = {}
+        for b in range(len(m.buckets)):
+            specs = m.bucket_specs(b)
+            flat = torch.empty(sum(s.numel for s in specs), dtype=specs[0].dtype, device=spec.device)
+            _broadcast(group, flat)
+            out.update(zip((s.name for s in specs), unflatten_bucket(flat, specs), strict=True))
+        return out
+
+
+# --------------------------------------------------------------------------- Ray object store
+
+
+class ObjectStoreBroadcast:
+    """One ``ray.put`` of ``(version, crc, [bucket bytes...])``; the handle is its ObjectRef."""
+
+    streams: ClassVar[bool] = False
+
+    def __init__(self) -> None:
+        self.spec: SyncSpec | None = None
+
+    def open(self, spec: SyncSpec) -> None:
+        self.spec = spec
+
+    def push(self, buckets: Iterable[Tensor], version: int) -> tuple[SyncStats, Any]:
+        import ray
+
+        if self.spec is None:
+            raise RuntimeError("object-store broadcast is not open; call open(spec) first")
+        start = time.perf_counter()
+        # Raw bytes as NumPy: zero-copy in the object store, and bf16 survives the trip.
+        arrays = [flat.detach().cpu().contiguous().view(torch.uint8).numpy() for flat in buckets]
+        ref = ray.put((version, self.spec.manifest.checksum(), arrays))
+        sent = sum(a.nbytes for a in arrays)
+        return SyncStats(version, time.perf_counter() - start, sent), ref
+
+    def close(self) -> None:
+        self.spec = None
+
+
+class ObjectStoreReceiver:
+    """Gets the payload (or takes it already resolved by Ray) and views it by the manifest."""
+
+    def __init__(self) -> None:
+        self.spec: SyncSpec | None = None
+
+    def open(self, spec: SyncSpec) -> None:
+        self.spec = spec
+
+    def receive(self, handle: Any, version: int) -> dict[str, Tensor]:
+        import ray
+
+        if self.spec is None:
+            raise RuntimeError("object-store receiver is not open; call open(spec) first")
+        payload = ray.get(handle) if isinstance(handle, ray.ObjectRef) else handle
+        got_version, crc, arrays = payload
+        m = self.spec.manifest
+        if crc != m.checksum() or len(arrays) != len(m.buckets):
+            raise RuntimeError(f"weight update v{got_version} does not match this worker's manifest")
+        if got_version != version:
+            raise RuntimeError(f"expected weight version {version}, learner sent {got_version}")
+        out: dict[str, Tensor] = {}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # read-only object-store memory
+            for b, arr in enumerate(arrays):
+                specs = m.bucket_specs(b)
+                flat = torch.from_numpy(arr).view(specs[0].dtype).to(self.spec.device)
+                out.update(zip((s.name for s in specs), unflatten_bucket(flat, specs), strict=True))
+        return out
+
+    def close(self) -> None:
+        self.spec = None
+
+
+register_broadcast("torch_dist", TorchDistBroadcast, TorchDistReceiver)
+register_broadcast("object_store", ObjectStoreBroadcast, ObjectStoreReceiver)
+
+
+# --------------------------------------------------------------------------- worker side
+
+
+@dataclass
+class _Pending:
+    version: int
+    tensors: dict[str, Tensor] = field(default_factory=dict)
+
+
+class WeightSyncClient:
+    """The part of a rollout worker that takes weight updates.
+
+    ``receive`` stages a whole update (nothing in the model changes); ``apply_pending``,
+    called by the worker between generation batches, copies it into the model under a lock
+    and returns the new version. Names are those of ``model.named_parameters()``.
+    """
+
+    def __init__(self, model: nn.Module, method: str) -> None:
+        self.model = model
+        self.receiver: WeightReceiver = get_broadcast(method).receiver()
+        self.version = -1
+        self._pending: _Pending | None = None
+        self._lock = threading.Lock()
+
+    def connect(self, spec: SyncSpec) -> None:
+        """Join the sync group (blocks until the learner and every worker have joined)."""
+        params = dict(self.model.named_parameters())
+        missing = [s.name for s in spec.manifest.specs if s.name not in params]
+        if missing:
+            raise KeyError(f"this worker's model has no parameter {missing[0]!r} (of {len(missing)})")
+        self.receiver.open(spec)
+
+    def receive(self, handle: Any, version: int) -> int:
+        """Receive update ``version`` and stage it; returns the staged bytes."""
+        tensors = self.receiver.receive(handle, version)
+        with self._lock:
+            self._pending = _Pending(version, tensors)
+        return sum(t.numel() * t.element_size() for t in tensors.values())
+
+    @torch.no_grad()
+    def apply_pending(self) -> int | None:
+        """Copy the staged update into the model; returns its version, or None if none is staged."""
+        with self._lock:
+            pending, self._pending = self._pending, None
+            if pending is None:
+                return None
+            params = dict(self.model.named_parameters())
+            for name, value in pending.tensors.items():
+                params[name].copy_(value)
+            self.version = pending.version
+            return pending.version
+
+    def close(self) -> None:
+        self.receiver.close()
+
+
+def iter_buckets(manifest: Manifest, tensors: Sequence[Tensor]) -> Iterator[Tensor]:
+    """Flattened buckets of ``tensors`` (aligned with ``manifest.specs``), for local senders."""
+    for bucket in manifest.buckets:
+        yield flatten_bucket([tensors[i] for i in bucket])
