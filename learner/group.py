@@ -166,11 +166,18 @@ class LearnerGroup:
             refs = [r.train_from_buffer.remote(buffer) for r in self.ranks]
         return mean_metrics(ray.get(refs))
 
-    def connect_workers(self, workers: Sequence[Any], *, device: str = "cpu") -> None:
-        """Open the weight-sync group between rank 0 and ``workers`` (ranks 1..N)."""
+    def connect_workers(
+        self, workers: Sequence[Any], *, device: str = "cpu", method: str | None = None
+    ) -> None:
+        """Open weight sync between rank 0 and ``workers`` (ranks 1..N).
+
+        ``method`` defaults to ``learner.broadcast``; it is fixed until the next connect.
+        """
         import ray
 
         lc = self.cfg.learner
+        method = lc.broadcast if method is None else method
+        self._broadcast = get_broadcast(method)
         manifest = ray.get(self.ranks[0].manifest.remote())
         host, port = ray.get(self.ranks[0].address.remote())
         backend = lc.sync_backend
@@ -179,7 +186,7 @@ class LearnerGroup:
         world = len(workers) + 1
 
         def spec(rank: int) -> SyncSpec:
-            return SyncSpec(manifest, rank, world, host, port, backend, lc.sync_timeout_s, device)
+            return SyncSpec(manifest, method, rank, world, host, port, backend, lc.sync_timeout_s, device)
 
         ray.get(
             [self.ranks[0].open_sync.remote(spec(0))]

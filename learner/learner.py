@@ -371,7 +371,8 @@ class Learner:
         if self.rank != 0:
             return
         self._manifest = spec.manifest
-        self._sender = get_broadcast(self.cfg.broadcast).sender()
+        self.close_sync()
+        self._sender = get_broadcast(spec.method).sender()
         self._sender.open(spec)
 
     def push_weights(self, version: int) -> tuple[SyncStats | None, Any]:

@@ -144,6 +144,7 @@ class SyncSpec:
     """How one endpoint joins the sync group: rank 0 is the learner, 1..N the workers."""
 
     manifest: Manifest
+    method: str = "torch_dist"
     rank: int = 0
     world_size: int = 1
     host: str = "127.0.0.1"
@@ -399,9 +400,9 @@ class WeightSyncClient:
     and returns the new version. Names are those of ``model.named_parameters()``.
     """
 
-    def __init__(self, model: nn.Module, method: str) -> None:
+    def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self.receiver: WeightReceiver = get_broadcast(method).receiver()
+        self.receiver: WeightReceiver | None = None
         self.version = -1
         self._pending: _Pending | None = None
         self._lock = threading.Lock()
@@ -412,10 +413,15 @@ class WeightSyncClient:
         missing = [s.name for s in spec.manifest.specs if s.name not in params]
         if missing:
             raise KeyError(f"this worker's model has no parameter {missing[0]!r} (of {len(missing)})")
+        if self.receiver is not None:
+            self.receiver.close()
+        self.receiver = get_broadcast(spec.method).receiver()
         self.receiver.open(spec)
 
     def receive(self, handle: Any, version: int) -> int:
         """Receive update ``version`` and stage it; returns the staged bytes."""
+        if self.receiver is None:
+            raise RuntimeError("receive before connect: this worker has not joined weight sync")
         tensors = self.receiver.receive(handle, version)
         with self._lock:
             self._pending = _Pending(version, tensors)
@@ -435,7 +441,9 @@ class WeightSyncClient:
             return pending.version
 
     def close(self) -> None:
-        self.receiver.close()
+        if self.receiver is not None:
+            self.receiver.close()
+            self.receiver = None
 
 
 def iter_buckets(manifest: Manifest, tensors: Sequence[Tensor]) -> Iterator[Tensor]:
