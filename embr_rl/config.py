@@ -132,6 +132,8 @@ class RolloutConfig:
     cache: str | None = field_(None, choices=[None, "prefix", "dual"])
     cfg_scale: float = field_(0.0, ge=0)
     suppress_eos: bool = False
+    # Fast mode: a row whose finished block is all EOS gets EOS to the end and stops decoding.
+    stop_at_eos: bool = False
 
 
 @dataclass
@@ -249,6 +251,10 @@ class EvalConfig:
     gen_length: int = field_(32, ge=1)
     block_length: int = field_(8, ge=1)
     steps: int = field_(16, ge=1)
+    # Fast decoding modes (actors/decoding.py); None/None/False is LLaDA's exact algorithm.
+    threshold: float | None = field_(None, gt=0, le=1)
+    cache: str | None = field_(None, choices=[None, "prefix", "dual"])
+    stop_at_eos: bool = False
     num_show: int = field_(3, ge=0)
 
 

@@ -79,7 +79,10 @@ def evaluate(
             steps=cfg.steps,
             mask_id=loaded.mask_token_id,
             temperature=cfg.temperature,
+            threshold=cfg.threshold,
+            cache=cfg.cache,
             eos_id=loaded.eos_token_id,
+            stop_at_eos=cfg.stop_at_eos,
             generator=gen,
             stats=stats,
         )

@@ -127,12 +127,13 @@ def flatten_bucket(tensors: Sequence[Tensor]) -> Tensor:
 
 def unflatten_bucket(flat: Tensor, specs: Sequence[TensorSpec]) -> list[Tensor]:
     """Views of ``flat`` shaped as ``specs`` (the inverse of :func:`flatten_bucket`)."""
+    total = sum(s.numel for s in specs)
+    if total != flat.numel():
+        raise ValueError(f"bucket holds {flat.numel()} elements, manifest says {total}")
     out, offset = [], 0
     for s in specs:
         out.append(flat[offset : offset + s.numel].view(s.shape))
         offset += s.numel
-    if offset != flat.numel():
-        raise ValueError(f"bucket holds {flat.numel()} elements, manifest says {offset}")
     return out
 
 
@@ -222,7 +223,7 @@ def get_broadcast(name: str) -> BroadcastImpl:
 # --------------------------------------------------------------------------- torch.distributed
 
 
-def _stateless_group(spec: SyncSpec) -> dist.ProcessGroup:
+def _stateless_group(spec: SyncSpec) -> tuple[dist.ProcessGroup, dist.Store]:
     """A process group of its own (not the default one), rendezvous through a ``TCPStore``."""
     timeout = datetime.timedelta(seconds=spec.timeout_s)
     store = dist.TCPStore(
@@ -237,9 +238,7 @@ def _stateless_group(spec: SyncSpec) -> dist.ProcessGroup:
         group = dist.ProcessGroupGloo(prefixed, spec.rank, spec.world_size, timeout)
     else:
         raise ValueError(f"bad value for sync backend: {spec.backend!r}; allowed: 'gloo', 'nccl'")
-    # Keep the store alive as long as the group.
-    group._embr_store = store  # type: ignore[attr-defined]
-    return group
+    return group, store
 
 
 def _broadcast(group: dist.ProcessGroup, tensor: Tensor) -> None:
@@ -251,11 +250,12 @@ def _broadcast(group: dist.ProcessGroup, tensor: Tensor) -> None:
 class _TorchDistBase:
     def __init__(self) -> None:
         self.group: dist.ProcessGroup | None = None
+        self.store: dist.Store | None = None  # must outlive the group
         self.spec: SyncSpec | None = None
 
     def open(self, spec: SyncSpec) -> None:
         self.spec = spec
-        self.group = _stateless_group(spec)
+        self.group, self.store = _stateless_group(spec)
 
     def _ready(self) -> tuple[dist.ProcessGroup, SyncSpec]:
         if self.group is None or self.spec is None:
@@ -265,7 +265,7 @@ class _TorchDistBase:
     def close(self) -> None:
         if self.group is not None and hasattr(self.group, "shutdown"):
             self.group.shutdown()
-        self.group = None
+        self.group = self.store = None
 
 
 class TorchDistBroadcast(_TorchDistBase):

@@ -12,6 +12,7 @@ set-up with :func:`build_engine` (``rollout.engine`` in the config):
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -94,8 +95,9 @@ def register_engine(name: str) -> Callable[[EngineFactory], EngineFactory]:
 
 
 def _load_builtin_engines() -> None:
-    import actors.engines.torch_engine  # noqa: F401  (registers "torch")
-    import actors.engines.vllm_engine  # noqa: F401  (registers "vllm"; imports vllm lazily)
+    # Importing the modules registers "torch" and "vllm" (vllm itself is imported lazily).
+    importlib.import_module("actors.engines.torch_engine")
+    importlib.import_module("actors.engines.vllm_engine")
 
 
 def engine_names() -> list[str]:
@@ -108,5 +110,7 @@ def build_engine(name: str, **kwargs: Any) -> RolloutEngine:
     """The engine registered as ``name``, built from ``kwargs`` (see each engine's class)."""
     _load_builtin_engines()
     if name not in _REGISTRY:
-        raise ValueError(f"unknown rollout engine {name!r}; allowed: {', '.join(sorted(_REGISTRY))}")
+        raise ValueError(
+            f"unknown rollout engine {name!r}; allowed: {', '.join(sorted(_REGISTRY))}"
+        )
     return _REGISTRY[name](**kwargs)

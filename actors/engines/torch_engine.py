@@ -1,0 +1,128 @@
+"""The built-in PyTorch rollout engine: :func:`actors.decoding.generate` in batches."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from actors.decoding import DecodeStats, generate
+from actors.engines import DecodeOptions, EngineOutput, register_engine
+
+
+def left_pad(
+    prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ids and attention mask ``[N, longest]`` for token-id prompts."""
+    width = max((len(p) for p in prompts), default=0)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        if len(p):
+            ids[i, width - len(p) :] = torch.as_tensor(list(p), dtype=torch.long)
+            mask[i, width - len(p) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+class TorchEngine:
+    """Decodes with the built-in confidence-based decoder on the model's own device.
+
+    Prompts are decoded ``max_batch_size`` at a time (the left padding of a chunk is its
+    longest prompt). ``seed`` seeds one generator per call, so a call is reproducible.
+    """
+
+    name = "torch"
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        mask_id: int,
+        *,
+        eos_id: int | None = None,
+        pad_id: int = 0,
+        max_batch_size: int = 64,
+    ) -> None:
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        self.model = model
+        self.mask_id = mask_id
+        self.eos_id = eos_id
+        self.pad_id = pad_id
+        self.max_batch_size = max_batch_size
+
+    @property
+    def device(self) -> torch.device:
+        param = next(self.model.parameters(), None)
+        return param.device if param is not None else torch.device("cpu")
+
+    def generate(
+        self, prompts: Sequence[Sequence[int]], options: DecodeOptions, *, seed: int | None = None
+    ) -> EngineOutput:
+        """One completion ``[gen_length]`` per prompt, in order."""
+        stats = DecodeStats()
+        device = self.device
+        gen = torch.Generator(device=device)
+        if seed is not None:
+            gen.manual_seed(seed)
+        else:
+            gen.seed()
+        was_training = self.model.training
+        self.model.eval()
+        outs: list[torch.Tensor] = []
+        try:
+            for i in range(0, len(prompts), self.max_batch_size):
+                ids, mask = left_pad(prompts[i : i + self.max_batch_size], self.pad_id, device)
+                out = generate(
+                    self.model,
+                    ids,
+                    mask,
+                    gen_length=options.gen_length,
+                    block_length=options.block_length,
+                    steps=options.steps,
+                    mask_id=self.mask_id,
+                    temperature=options.temperature,
+                    remasking=options.remasking,
+                    cfg_scale=options.cfg_scale,
+                    threshold=options.threshold,
+                    cache=options.cache,
+                    eos_id=self.eos_id,
+                    suppress_eos=options.suppress_eos,
+                    stop_at_eos=options.stop_at_eos,
+                    generator=gen,
+                    stats=stats,
+                )
+                outs.append(out[:, ids.shape[1] :].cpu())
+        finally:
+            self.model.train(was_training)
+        empty = torch.empty(0, options.gen_length, dtype=torch.long)
+        return EngineOutput(torch.cat(outs) if outs else empty, stats)
+
+    @torch.no_grad()
+    def update_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """Copy ``state_dict`` into the model in place (every key must match)."""
+        self.model.load_state_dict(dict(state_dict), strict=True)
+
+
+@register_engine("torch")
+def _build_torch(
+    loaded: Any = None,
+    *,
+    model: torch.nn.Module | None = None,
+    mask_id: int | None = None,
+    eos_id: int | None = None,
+    pad_id: int = 0,
+    max_batch_size: int = 64,
+) -> TorchEngine:
+    """From a ``LoadedModel`` (``loaded=``), or from ``model=`` and ``mask_id=``."""
+    if loaded is not None:
+        return TorchEngine(
+            loaded.model,
+            loaded.mask_token_id,
+            eos_id=loaded.eos_token_id,
+            pad_id=loaded.pad_token_id,
+            max_batch_size=max_batch_size,
+        )
+    if model is None or mask_id is None:
+        raise ValueError("the torch engine needs loaded=LoadedModel, or model= and mask_id=")
+    return TorchEngine(model, mask_id, eos_id=eos_id, pad_id=pad_id, max_batch_size=max_batch_size)

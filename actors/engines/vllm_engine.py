@@ -1,0 +1,129 @@
+"""Rollouts with vLLM, for the masked-diffusion models that vLLM itself serves.
+
+Install with the ``vllm`` extra, in its own environment or image (vLLM pins its own torch
+and transformers). ``vllm`` is imported only when a :class:`VLLMEngine` is built, so the
+rest of the project never needs it. Confidence-based decoding then happens inside vLLM:
+``gen_length`` becomes ``max_tokens``, the temperature and seed go to ``SamplingParams``,
+and the diffusion options (block length, steps, threshold, cache, remasking) travel in
+``SamplingParams.extra_args`` for models whose vLLM implementation reads them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from actors.decoding import DecodeStats
+from actors.engines import DecodeOptions, EngineOutput, register_engine
+
+WeightLoader = Callable[[Any, Mapping[str, torch.Tensor]], None]
+
+
+def _import_vllm() -> Any:
+    try:
+        return importlib.import_module("vllm")
+    except ImportError as exc:
+        raise ImportError(
+            "rollout.engine='vllm' needs vLLM: install the 'vllm' extra "
+            "(pip install 'embr-rl[vllm]') in an environment of its own, or use rollout.engine='torch'"
+        ) from exc
+
+
+def _apply_model_loader(llm: Any, state_dict: Mapping[str, torch.Tensor]) -> None:
+    """Load weights into every vLLM worker's model through ``LLM.apply_model``."""
+    items = [(k, v.detach().cpu()) for k, v in state_dict.items()]
+    llm.apply_model(lambda model: model.load_weights(items))
+
+
+class VLLMEngine:
+    """A :class:`~actors.engines.RolloutEngine` over ``vllm.LLM``.
+
+    ``llm`` may be given ready-made (tests pass a fake); otherwise ``vllm.LLM(model=model,
+    **llm_kwargs)`` is built. ``weight_loader(llm, state_dict)`` applies new weights; the
+    default goes through ``LLM.apply_model`` and each model's ``load_weights``.
+    """
+
+    name = "vllm"
+
+    def __init__(
+        self,
+        model: str | None = None,
+        *,
+        llm: Any = None,
+        eos_id: int | None = None,
+        pad_id: int = 0,
+        weight_loader: WeightLoader | None = None,
+        **llm_kwargs: Any,
+    ) -> None:
+        self._vllm = _import_vllm()
+        if llm is None:
+            if model is None:
+                raise ValueError("VLLMEngine needs model= (a hub id or directory) or llm=")
+            llm = self._vllm.LLM(model=model, **llm_kwargs)
+        self.llm = llm
+        self.eos_id = eos_id
+        self.pad_id = pad_id
+        self.weight_loader = weight_loader or _apply_model_loader
+
+    def _sampling_params(self, options: DecodeOptions, seed: int | None) -> Any:
+        extra = {
+            "block_length": options.block_length,
+            "steps": options.steps,
+            "remasking": options.remasking,
+            "threshold": options.threshold,
+            "cache": options.cache,
+            "cfg_scale": options.cfg_scale,
+        }
+        return self._vllm.SamplingParams(
+            n=1,
+            temperature=options.temperature,
+            max_tokens=options.gen_length,
+            min_tokens=options.gen_length if options.suppress_eos else 0,
+            seed=seed,
+            extra_args=extra,
+        )
+
+    def generate(
+        self, prompts: Sequence[Sequence[int]], options: DecodeOptions, *, seed: int | None = None
+    ) -> EngineOutput:
+        """One completion per prompt, padded with EOS (else pad) to ``gen_length``."""
+        inputs_mod = importlib.import_module("vllm.inputs")
+        requests = [inputs_mod.TokensPrompt(prompt_token_ids=list(p)) for p in prompts]
+        stats = DecodeStats()
+        t0 = time.perf_counter()
+        results = self.llm.generate(requests, self._sampling_params(options, seed), use_tqdm=False)
+        fill = self.eos_id if self.eos_id is not None else self.pad_id
+        out = torch.full((len(prompts), options.gen_length), fill, dtype=torch.long)
+        for i, res in enumerate(results):
+            ids = list(res.outputs[0].token_ids)[: options.gen_length]
+            if ids:
+                out[i, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
+        stats.wall_s = time.perf_counter() - t0
+        stats.tokens_committed = out.numel()
+        return EngineOutput(out, stats)
+
+    def update_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """Push ``state_dict`` into the served model."""
+        self.weight_loader(self.llm, state_dict)
+
+
+@register_engine("vllm")
+def _build_vllm(
+    loaded: Any = None,
+    *,
+    model: str | None = None,
+    max_batch_size: int | None = None,
+    **kwargs: Any,
+) -> VLLMEngine:
+    """From ``model=`` (hub id or directory) or a ``LoadedModel``'s ``name_or_path``."""
+    if model is None and loaded is not None:
+        model = getattr(getattr(loaded.model, "config", None), "name_or_path", None)
+        kwargs.setdefault("eos_id", loaded.eos_token_id)
+        kwargs.setdefault("pad_id", loaded.pad_token_id)
+    if max_batch_size is not None:
+        kwargs.setdefault("max_num_seqs", max_batch_size)
+    return VLLMEngine(model, **kwargs)

@@ -1,0 +1,232 @@
+"""The rollout worker: decode groups of completions, score them, emit buffer rows.
+
+A plain class (``embr_rl/run.py`` wraps it with ``ray.remote``). It holds the policy
+behind a :class:`~actors.engines.RolloutEngine` and the policy's weight version; for each
+batch of problems it decodes ``group_size`` completions per prompt, scores them with the
+problem's verifier on a bounded scoring pool, and returns the rows in the buffer's schema
+(:data:`buffer.schema.SAMPLE_SCHEMA`). New weights are applied between batches, never
+while a batch is being generated.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import pyarrow as pa
+import torch
+
+from actors.engines import DecodeOptions, RolloutEngine, build_engine
+from actors.verifiers import Score, Verifier, build_verifier
+from actors.verifiers.pool import ScoringPool
+from buffer.schema import rows_from_dicts
+from embr_rl.models.tokenizer import decode_completions
+from embr_rl.tasks import Problem, format_prompt
+
+
+class RolloutWorker:
+    """Generates, scores and packs samples for the buffer; takes weight updates between batches.
+
+    ``verifiers`` maps a problem's ``verifier`` name to a :class:`~actors.verifiers.Verifier`;
+    names not given are built with :func:`actors.verifiers.build_verifier` from
+    ``verifier_cfg`` on first use. ``seed`` makes the sampling of every batch reproducible.
+    """
+
+    def __init__(
+        self,
+        engine: RolloutEngine,
+        tokenizer: Any,
+        options: DecodeOptions,
+        *,
+        group_size: int = 8,
+        verifiers: Mapping[str, Verifier] | None = None,
+        verifier_cfg: Any = None,
+        num_scorers: int = 2,
+        eos_id: int | None = None,
+        prompt_format: str = "plain",
+        chat_template: bool = False,
+        max_prompt_length: int | None = None,
+        worker_id: str = "rollout-0",
+        seed: int = 0,
+        policy_version: int = 0,
+    ) -> None:
+        if group_size < 1:
+            raise ValueError(f"group_size must be >= 1, got {group_size}")
+        if num_scorers < 1:
+            raise ValueError(f"num_scorers must be >= 1, got {num_scorers}")
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.options = options
+        self.group_size = group_size
+        self.eos_id = eos_id if eos_id is not None else getattr(tokenizer, "eos_token_id", None)
+        self.prompt_format = prompt_format
+        self.chat_template = chat_template
+        self.max_prompt_length = max_prompt_length
+        self.worker_id = worker_id
+        self.seed = seed
+        self._verifiers: dict[str, Verifier] = dict(verifiers or {})
+        self._verifier_cfg = verifier_cfg
+        self._num_scorers = num_scorers
+        self._pools: dict[str, ScoringPool] = {}
+        self._version = policy_version
+        self._batches = 0
+        self._pending: tuple[Mapping[str, torch.Tensor], int] | None = None
+        self._state_lock = threading.Lock()
+        self._generating = threading.Lock()
+        self._metrics: dict[str, float] = {}
+
+    @classmethod
+    def from_config(
+        cls, cfg: Any, loaded: Any = None, *, worker_id: str = "rollout-0"
+    ) -> RolloutWorker:
+        """A worker for the whole ``Config`` (``rollout``, ``task``, ``verifier``, ``model``).
+
+        ``loaded`` is a ``LoadedModel``; without it the model is loaded from ``cfg.model``.
+        """
+        r = cfg.rollout
+        if loaded is None:
+            from embr_rl.models.loader import load_model
+
+            loaded = load_model(cfg.model)
+        engine = build_engine(
+            r.engine, loaded=loaded, max_batch_size=r.prompts_per_batch * r.group_size
+        )
+        return cls(
+            engine,
+            loaded.tokenizer,
+            DecodeOptions.from_config(r),
+            group_size=r.group_size,
+            verifier_cfg=cfg.verifier,
+            num_scorers=cfg.verifier.num_processes,
+            eos_id=loaded.eos_token_id,
+            prompt_format=cfg.task.prompt_format,
+            chat_template=cfg.task.chat_template,
+            worker_id=worker_id,
+            seed=cfg.seed,
+        )
+
+    @property
+    def policy_version(self) -> int:
+        """The version of the weights the next batch is generated with."""
+        with self._state_lock:
+            return self._pending[1] if self._pending is not None else self._version
+
+    def update_weights(self, state_dict: Mapping[str, torch.Tensor], version: int) -> None:
+        """Take the policy weights of ``version``; applied now, or after the running batch."""
+        with self._state_lock:
+            latest = self._pending[1] if self._pending is not None else self._version
+            if version < latest:
+                raise ValueError(
+                    f"weight version {version} is older than the worker's version {latest}; "
+                    "versions must not go back"
+                )
+            self._pending = (state_dict, version)
+        if self._generating.acquire(blocking=False):
+            try:
+                self._apply_pending()
+            finally:
+                self._generating.release()
+
+    def _apply_pending(self) -> None:
+        with self._state_lock:
+            pending, self._pending = self._pending, None
+        if pending is not None:
+            self.engine.update_weights(pending[0])
+            self._version = pending[1]
+
+    def _verifier(self, name: str) -> ScoringPool:
+        if name not in self._pools:
+            if name not in self._verifiers:
+                self._verifiers[name] = build_verifier(name, self._verifier_cfg)
+            self._pools[name] = ScoringPool(self._verifiers[name], self._num_scorers)
+        return self._pools[name]
+
+    def _encode(self, problems: Sequence[Problem]) -> list[list[int]]:
+        out = []
+        for i, p in enumerate(problems):
+            text = format_prompt(p, self.prompt_format, self.tokenizer, self.chat_template)
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            if self.max_prompt_length is not None and len(ids) > self.max_prompt_length:
+                raise ValueError(
+                    f"problem {i} ({p.id}) has {len(ids)} prompt tokens, more than "
+                    f"max_prompt_length={self.max_prompt_length}"
+                )
+            out.append(list(ids))
+        return out
+
+    def generate(self, problems: Sequence[Problem]) -> pa.Table:
+        """``group_size`` scored completions per problem, as rows of the buffer schema."""
+        with self._generating:
+            self._apply_pending()
+            version = self._version
+            batch = self._batches
+            self._batches += 1
+            t0 = time.perf_counter()
+            prompts = self._encode(problems)
+            repeated = [ids for ids in prompts for _ in range(self.group_size)]
+            out = self.engine.generate(repeated, self.options, seed=self.seed * 1_000_003 + batch)
+            created = time.time()
+            t_decode = time.perf_counter() - t0
+            texts = decode_completions(self.tokenizer, out.completion_ids, self.eos_id)
+            futures = [
+                self._verifier(problems[i // self.group_size].verifier).submit(
+                    text, problems[i // self.group_size]
+                )
+                for i, text in enumerate(texts)
+            ]
+            scores: list[Score] = [f.result() for f in futures]
+            t_score = time.perf_counter() - t0 - t_decode
+        nonce = uuid.uuid4().hex[:12]
+        rows = []
+        for i, (ids, score) in enumerate(zip(out.completion_ids.tolist(), scores, strict=True)):
+            p, j = problems[i // self.group_size], i % self.group_size
+            group = f"{self.worker_id}-{nonce}-{i // self.group_size}"
+            rows.append(
+                {
+                    "sample_id": f"{group}-{j}",
+                    "prompt_id": p.id,
+                    "prompt_ids": prompts[i // self.group_size],
+                    "completion_ids": ids,
+                    "reward": float(score.reward),
+                    "reward_components": {k: float(v) for k, v in score.components.items()},
+                    "verifier_status": score.outcome,
+                    "policy_version": version,
+                    "group_id": group,
+                    "task": p.task,
+                    "created_at": created,
+                }
+            )
+        self._record(out.stats, scores, t_decode, t_score, version)
+        return rows_from_dicts(rows)
+
+    def _record(
+        self, stats: Any, scores: list[Score], t_decode: float, t_score: float, version: int
+    ) -> None:
+        rewards = [s.reward for s in scores]
+        g = self.group_size
+        groups = [rewards[i : i + g] for i in range(0, len(rewards), g)]
+        self._metrics = {
+            "rollout/samples": float(len(rewards)),
+            "rollout/reward_mean": sum(rewards) / len(rewards) if rewards else 0.0,
+            "rollout/mixed_group_share": (
+                sum(len(set(gr)) > 1 for gr in groups) / len(groups) if groups else 0.0
+            ),
+            "rollout/decode_s": t_decode,
+            "rollout/score_s": t_score,
+            "rollout/forward_passes": float(stats.forward_passes),
+            "rollout/tokens_per_s": stats.tokens_per_s,
+            "rollout/policy_version": float(version),
+        }
+
+    def metrics(self) -> dict[str, float]:
+        """Metrics of the last batch, namespaced ``rollout/...``."""
+        return dict(self._metrics)
+
+    def close(self) -> None:
+        """Stop the scoring pools."""
+        for pool in self._pools.values():
+            pool.close()
+        self._pools.clear()

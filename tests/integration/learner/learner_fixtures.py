@@ -1,0 +1,47 @@
+"""Shared by the learner integration tests: a tiny policy and deterministic buffer rows."""
+
+from __future__ import annotations
+
+import torch
+
+from buffer.schema import rows_from_dicts
+from embr_rl.models import EmbrDiffusionConfig, EmbrDiffusionModel
+from learner.learner import PolicySpec
+
+VOCAB, MASK_ID, PAD_ID, EOS_ID = 32, 31, 0, 1
+
+
+def tiny_policy(seed: int = 0) -> PolicySpec:
+    """The conftest ``tiny_model`` architecture (2 layers, 64 dims, vocab 32, mask 31)."""
+    torch.manual_seed(seed)
+    cfg = EmbrDiffusionConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=128,
+        mask_token_id=MASK_ID,
+        pad_token_id=PAD_ID,
+        eos_token_id=EOS_ID,
+    )
+    return PolicySpec(EmbrDiffusionModel(cfg), MASK_ID, PAD_ID, EOS_ID)
+
+
+def rows(step: int, n: int = 8, group: int = 4):
+    """``n`` scored completions, ``group`` per prompt, prompts of uneven length; fixed by ``step``."""
+    g = torch.Generator().manual_seed(1000 + step)
+    out = []
+    for i in range(n):
+        out.append(
+            {
+                "sample_id": f"{step}-{i}",
+                "prompt_id": f"{step}-p{i // group}",
+                "prompt_ids": torch.randint(2, 30, (3 + (i // group) % 2,), generator=g).tolist(),
+                "completion_ids": torch.randint(1, 30, (6,), generator=g).tolist(),
+                "reward": float((i * 7 + step) % 3),
+                "policy_version": 0,
+                "task": "toy",
+            }
+        )
+    return rows_from_dicts(out)

@@ -1,0 +1,73 @@
+"""Save, kill, resume: 6 steps straight == 3 steps, checkpoint, new process, 3 steps."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from learner_fixtures import rows, tiny_policy
+
+from embr_rl.config import AlgoConfig, LearnerConfig
+from learner.learner import Learner, init_distributed
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[2]
+
+
+def _learner() -> Learner:
+    cfg = LearnerConfig(
+        batch_size=8, micro_batch_size=4, lr=3e-3, warmup_steps=2, total_steps=6, lr_schedule="cosine",
+        zero_stage=1, weight_decay=0.01,
+    )
+    return Learner(cfg, AlgoConfig(name="embr_c", num_mc_samples=2), tiny_policy(), seed=5)
+
+
+def _train(learner: Learner, steps: range) -> None:
+    for s in steps:
+        learner.train_step(rows(s))
+
+
+def resume_child(ckpt: str, out: str, threads: int) -> None:
+    """Run in a fresh interpreter: load the checkpoint, train steps 3..5, save parameters."""
+    torch.set_num_threads(threads)
+    init_distributed()
+    learner = _learner()
+    assert learner.load(ckpt) == 3
+    _train(learner, range(3, 6))
+    torch.save(learner.full_state(), out)
+    learner.close()
+    dist.destroy_process_group()
+
+
+def test_resume_in_new_process_is_bit_for_bit(tmp_path: Path) -> None:
+    init_distributed()
+    try:
+        straight = _learner()
+        _train(straight, range(6))
+        expected = straight.full_state()
+        straight.close()
+
+        first = _learner()
+        _train(first, range(3))
+        first.save(tmp_path / "ckpt")
+        first.close()
+    finally:
+        dist.destroy_process_group()
+    assert (tmp_path / "ckpt" / "hf" / "model.safetensors").is_file()
+
+    out = tmp_path / "resumed.pt"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), str(REPO)]))
+    code = f"import test_learner_resume as t; t.resume_child({str(tmp_path / 'ckpt')!r}, {str(out)!r}, {torch.get_num_threads()})"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    resumed = torch.load(out)
+    assert set(resumed) == set(expected)
+    for name, value in expected.items():
+        assert torch.equal(resumed[name], value), name

@@ -1,0 +1,161 @@
+"""The rollout worker: rows in the buffer schema, groups, scoring and weight versions."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping, Sequence
+
+import pytest
+import torch
+
+from actors.engines import DecodeOptions, EngineOutput
+from actors.engines.torch_engine import TorchEngine
+from actors.rollout import RolloutWorker
+from buffer.schema import SAMPLE_SCHEMA, validate
+from embr_rl.config import TaskConfig
+from embr_rl.tasks import Problem, load_task
+
+OPTIONS = DecodeOptions(gen_length=8, block_length=4, steps=4, temperature=0.9)
+
+
+@pytest.fixture(scope="module")
+def problems() -> list[Problem]:
+    return load_task(TaskConfig(name="arith", limit=3), "test")
+
+
+@pytest.fixture(scope="module")
+def tokenizer(problems: list[Problem]):
+    from embr_rl.models.tokenizer import train_char_tokenizer
+
+    return train_char_tokenizer(["0123456789+-=;\\boxed{}"] + [p.question for p in problems])
+
+
+@pytest.fixture
+def model(tokenizer) -> torch.nn.Module:
+    from embr_rl.models import EmbrDiffusionConfig, EmbrDiffusionModel
+
+    torch.manual_seed(0)
+    cfg = EmbrDiffusionConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        mask_token_id=tokenizer.mask_token_id,
+    )
+    return EmbrDiffusionModel(cfg).eval()
+
+
+def _worker(model, tokenizer, **kw) -> RolloutWorker:
+    engine = TorchEngine(model, tokenizer.mask_token_id, eos_id=tokenizer.eos_token_id)
+    return RolloutWorker(engine, tokenizer, OPTIONS, group_size=4, num_scorers=1, **kw)
+
+
+def test_rows_validate_against_the_buffer_schema(model, tokenizer, problems) -> None:
+    worker = _worker(model, tokenizer, worker_id="w7")
+    table = worker.generate(problems)
+    worker.close()
+    assert table.schema == SAMPLE_SCHEMA
+    validate(table, fill_defaults=False)
+    rows = table.to_pylist()
+    assert len(rows) == 3 * 4
+    assert [r["prompt_id"] for r in rows] == [p.id for p in problems for _ in range(4)]
+    assert len({r["group_id"] for r in rows}) == 3 and len({r["sample_id"] for r in rows}) == 12
+    assert all(r["group_id"].startswith("w7-") for r in rows)
+    assert all(len(r["completion_ids"]) == 8 and r["policy_version"] == 0 for r in rows)
+    assert all(r["task"] == "arith" and r["reward"] in (0.0, 1.0) for r in rows)
+    assert all(r["verifier_status"] in ("correct", "wrong", "no_answer") for r in rows)
+    want = tokenizer(problems[1].question, add_special_tokens=False)["input_ids"]
+    assert rows[4]["prompt_ids"] == want
+    assert worker.metrics()["rollout/samples"] == 12.0
+
+
+def test_a_weight_update_bumps_the_version_of_later_rows(model, tokenizer, problems) -> None:
+    worker = _worker(model, tokenizer, seed=1)
+    first = worker.generate(problems[:1])
+    new = {k: v + 0.5 * torch.randn_like(v) for k, v in model.state_dict().items()}
+    worker.update_weights(new, version=3)
+    assert worker.policy_version == 3
+    assert torch.equal(model.lm_head.weight, new["lm_head.weight"])
+    second = worker.generate(problems[:1])
+    assert set(first.column("policy_version").to_pylist()) == {0}
+    assert set(second.column("policy_version").to_pylist()) == {3}
+    with pytest.raises(ValueError, match="older than"):
+        worker.update_weights(new, version=2)
+    worker.close()
+
+
+class _SlowEngine:
+    """Blocks inside ``generate`` until released; records when weights arrive."""
+
+    name = "slow"
+
+    def __init__(self) -> None:
+        self.started, self.release = threading.Event(), threading.Event()
+        self.events: list[str] = []
+
+    def generate(
+        self, prompts: Sequence[Sequence[int]], options: DecodeOptions, *, seed: int | None = None
+    ) -> EngineOutput:
+        self.events.append("generate-start")
+        self.started.set()
+        self.release.wait(10)
+        self.events.append("generate-end")
+        return EngineOutput(torch.zeros(len(prompts), options.gen_length, dtype=torch.long))
+
+    def update_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        self.events.append("weights")
+
+
+def test_weights_arriving_mid_generation_wait_for_the_batch(tokenizer, problems) -> None:
+    engine = _SlowEngine()
+    worker = RolloutWorker(engine, tokenizer, OPTIONS, group_size=2, num_scorers=1)
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(t=worker.generate(problems[:1])))
+    thread.start()
+    assert engine.started.wait(10)
+    worker.update_weights({}, version=1)
+    assert engine.events == ["generate-start"]  # not applied mid-generation
+    engine.release.set()
+    thread.join(10)
+    assert set(result["t"].column("policy_version").to_pylist()) == {0}
+    assert worker.generate(problems[:1]).column("policy_version").to_pylist() == [1, 1]
+    assert engine.events == [
+        "generate-start",
+        "generate-end",
+        "weights",
+        "generate-start",
+        "generate-end",
+    ]
+    worker.close()
+
+
+def test_from_config_builds_engine_verifier_and_options(model, tokenizer, problems) -> None:
+    from embr_rl.config import load_config
+    from embr_rl.models.loader import LoadedModel
+
+    cfg = load_config(
+        overrides=[
+            "rollout.group_size=2",
+            "rollout.gen_length=8",
+            "rollout.block_length=4",
+            "rollout.steps=4",
+            "rollout.threshold=0.9",
+            "rollout.cache=prefix",
+        ]
+    )
+    loaded = LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        mask_token_id=tokenizer.mask_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        chat_template=None,
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+    )
+    worker = RolloutWorker.from_config(cfg, loaded)
+    assert worker.options.threshold == 0.9 and worker.options.cache == "prefix"
+    table = worker.generate(problems[:2])
+    worker.close()
+    assert table.num_rows == 4 and worker.engine.name == "torch"
