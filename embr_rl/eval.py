@@ -2,11 +2,11 @@
 
 :func:`evaluate` decodes a list of problems with confidence-based decoding (temperature 0
 by default) and reports accuracy overall and by a metadata key, with sample generations.
+A sample counts as correct when its problem's verifier (``actors.verifiers``) says so.
 """
 
 from __future__ import annotations
 
-import re
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -15,25 +15,26 @@ from typing import Any
 import torch
 
 from actors.decoding import DecodeStats, generate
-from embr_rl.config import EvalConfig
+from actors.verifiers import Verifier, build_verifier
+from embr_rl.config import EvalConfig, VerifierConfig
 from embr_rl.models.loader import LoadedModel
 from embr_rl.models.tokenizer import decode_completions, encode_prompts
 from embr_rl.tasks import Problem, format_prompt
 
 Scorer = Callable[[str, Problem], float]
 
-_BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
 
+def correctness_scorer(cfg: VerifierConfig | None = None) -> Scorer:
+    """1.0 when the problem's verifier judges the completion correct, else 0.0 (format terms of
+    the reward presets do not count towards accuracy)."""
+    verifiers: dict[str, Verifier] = {}
 
-def boxed_integer_scorer(completion: str, problem: Problem) -> float:
-    """1.0 when the last ``\\boxed{...}`` holds the gold integer answer (the arith task's check)."""
-    found = _BOXED.findall(completion)
-    if not found or problem.answer is None:
-        return 0.0
-    try:
-        return float(int(found[-1].strip()) == int(problem.answer))
-    except ValueError:
-        return 0.0
+    def score(completion: str, problem: Problem) -> float:
+        if problem.verifier not in verifiers:
+            verifiers[problem.verifier] = build_verifier(problem.verifier, cfg)
+        return float(verifiers[problem.verifier].score(completion, problem).outcome == "correct")
+
+    return score
 
 
 @dataclass
@@ -54,13 +55,14 @@ def evaluate(
     *,
     prompt_format: str = "plain",
     chat_template: bool = False,
-    scorer: Scorer = boxed_integer_scorer,
+    scorer: Scorer | None = None,
     group_key: str | None = None,
     max_prompt_length: int | None = None,
     seed: int = 0,
 ) -> EvalResult:
     """Decode every problem once and score it; ``group_key`` splits accuracy by a metadata field."""
     model, tok = loaded.model, loaded.tokenizer
+    scorer = scorer or correctness_scorer()
     was_training = model.training
     model.eval()
     gen = torch.Generator(device=loaded.device).manual_seed(seed)

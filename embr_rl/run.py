@@ -22,7 +22,7 @@ from pathlib import Path
 
 from embr_rl.cli import quiet_libraries
 from embr_rl.config import Config, ConfigError, load_config, save_config
-from embr_rl.eval import evaluate
+from embr_rl.eval import correctness_scorer, evaluate
 from embr_rl.models.loader import ModelLoadError, load_model
 from embr_rl.pretrain import base_model_dir, is_trained, pretrain, report
 from embr_rl.tasks import load_task
@@ -70,6 +70,7 @@ def run(cfg: Config) -> dict[str, object]:
         cfg.eval,
         prompt_format=cfg.task.prompt_format,
         chat_template=cfg.task.chat_template,
+        scorer=correctness_scorer(cfg.verifier),
         group_key=group_key,
         seed=cfg.seed,
     )

@@ -106,12 +106,11 @@ class LearnerRank:
         return self.learner.load(path)
 
     def close(self) -> None:
-        import torch.distributed as dist
+        from learner.learner import shutdown_distributed
 
         if self.learner is not None:
             self.learner.close()
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        shutdown_distributed()
 
 
 def mean_metrics(per_rank: Sequence[dict[str, float]]) -> dict[str, float]:

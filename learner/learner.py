@@ -63,6 +63,7 @@ __all__ = [
     "free_port",
     "init_distributed",
     "lr_factor",
+    "shutdown_distributed",
 ]
 
 # Losses that train on same-prompt pairs (the learner draws ``sample_pairs``).
@@ -104,6 +105,18 @@ def init_distributed(
     )
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # skips a 40 s op build
     deepspeed.init_distributed(backend, dist_init_required=True)
+
+
+def shutdown_distributed() -> None:
+    """Destroy the default process group so a later :func:`init_distributed` starts clean."""
+    from deepspeed.utils import groups
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    # DeepSpeed caches a clone of the world group; a stale one breaks the next engine.
+    groups._WORLD_GROUP = None
+    groups._DATA_PARALLEL_GROUP = None
+    groups._ZERO_PARAM_INTRA_PARALLEL_GROUP = None
 
 
 def lr_factor(step: int, cfg: LearnerConfig) -> float:

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
 from learner_fixtures import rows, tiny_policy
 
 from embr_rl.config import AlgoConfig, LearnerConfig, LoraConfig
-from learner.learner import Learner, init_distributed
+from learner.learner import Learner, init_distributed, shutdown_distributed
 
 pytestmark = pytest.mark.integration
 
@@ -17,7 +16,7 @@ pytestmark = pytest.mark.integration
 def one_rank():
     init_distributed()
     yield
-    dist.destroy_process_group()
+    shutdown_distributed()
 
 
 def _cfg(**kw) -> LearnerConfig:

@@ -9,11 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 from learner_fixtures import rows, tiny_policy
 
 from embr_rl.config import AlgoConfig, LearnerConfig
-from learner.learner import Learner, init_distributed
+from learner.learner import Learner, init_distributed, shutdown_distributed
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -43,7 +42,7 @@ def resume_child(ckpt: str, out: str, threads: int) -> None:
     _train(learner, range(3, 6))
     torch.save(learner.full_state(), out)
     learner.close()
-    dist.destroy_process_group()
+    shutdown_distributed()
 
 
 def test_resume_in_new_process_is_bit_for_bit(tmp_path: Path) -> None:
@@ -59,7 +58,7 @@ def test_resume_in_new_process_is_bit_for_bit(tmp_path: Path) -> None:
         first.save(tmp_path / "ckpt")
         first.close()
     finally:
-        dist.destroy_process_group()
+        shutdown_distributed()
     assert (tmp_path / "ckpt" / "hf" / "model.safetensors").is_file()
 
     out = tmp_path / "resumed.pt"

@@ -1,0 +1,221 @@
+"""Decoding speed and accuracy: exact LLaDA decoding vs each fast mode, side by side.
+
+    .venv/bin/python bench/decode.py [--model DIR] [--problems 128] [--batch 64] [--repeats 3]
+
+Part 1 decodes held-out arithmetic problems with the demo base model (default: the demo's
+``runs/demo/base_model``, else ``runs/decode_base/base_model``) at temperature 0, at the
+demo's length (32, block 8, 16 steps) and at 128/256 (block 32, steps = length / 2, the d1
+protocol). Part 2 times a random model of LLaDA-8B's shape scaled down to fit a CPU
+(head dim 128, FFN 3x hidden, vocabulary scaled down too). Modes run round-robin and the
+median wall time of ``--repeats`` runs is kept; every ratio is against exact mode in the
+same run. "agree" is the share of completions identical to exact mode's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from actors.decoding import DecodeStats, generate  # noqa: E402
+
+MODES: dict[str, dict] = {
+    "exact": {},
+    "thr0.9": {"threshold": 0.9},
+    "prefix": {"cache": "prefix"},
+    "dual": {"cache": "dual"},
+    "thr0.9+prefix": {"threshold": 0.9, "cache": "prefix"},
+    "thr0.9+dual": {"threshold": 0.9, "cache": "dual"},
+    "thr0.9+prefix+eos": {"threshold": 0.9, "cache": "prefix", "stop_at_eos": True},
+    "thr0.9+dual+eos": {"threshold": 0.9, "cache": "dual", "stop_at_eos": True},
+}
+
+
+def default_model() -> Path:
+    for name in ("demo", "decode_base"):
+        path = REPO / "runs" / name / "base_model"
+        if (path / "pretrain_summary.json").is_file():
+            return path
+    raise SystemExit(
+        "no demo base model: train one with `.venv/bin/python -m embr_rl.pretrain "
+        "configs/demo_base.yaml name=decode_base pretrain.time_budget_s=300`, or pass --model"
+    )
+
+
+def settings(gen_length: int) -> tuple[int, int]:
+    """(block_length, steps): the demo's 8/16 at length 32, else block 32 and length/2 steps."""
+    return (8, 16) if gen_length == 32 else (32, gen_length // 2)
+
+
+def run_modes(
+    run: Callable[[dict], tuple[list, DecodeStats]], modes: list[str], repeats: int
+) -> dict[str, dict]:
+    """Run every mode ``repeats`` times round-robin; keep outputs and the median wall time."""
+    walls: dict[str, list[float]] = {m: [] for m in modes}
+    results: dict[str, dict] = {}
+    for _ in range(repeats):
+        for m in modes:
+            outputs, stats = run(MODES[m])
+            walls[m].append(stats.wall_s)
+            results[m] = {"outputs": outputs, "stats": stats}
+    for m in modes:
+        results[m]["wall"] = statistics.median(walls[m])
+    return results
+
+
+def report(title: str, results: dict[str, dict], score: Callable[[list], float] | None) -> None:
+    exact = results["exact"]
+    base_acc = score(exact["outputs"]) if score else None
+    print(f"\n{title}")
+    head = f"{'mode':<20}{'fwd':>6}{'pos(M)':>8}{'wall s':>8}{'tok/s':>9}{'speed-up':>10}"
+    head += f"{'agree':>7}" + (f"{'acc %':>7}{'Δacc':>7}" if score else "")
+    print(head)
+    n_tokens = exact["stats"].tokens_committed
+    for m, r in results.items():
+        st = r["stats"]
+        agree = sum(a == b for a, b in zip(r["outputs"], exact["outputs"], strict=True))
+        line = (
+            f"{m:<20}{st.forward_passes:>6}{st.positions_computed / 1e6:>8.2f}{r['wall']:>8.2f}"
+            f"{n_tokens / r['wall']:>9.0f}{exact['wall'] / r['wall']:>9.2f}x"
+            f"{agree / len(r['outputs']):>7.2f}"
+        )
+        if score:
+            acc = score(r["outputs"])
+            line += f"{100 * acc:>7.1f}{100 * (acc - base_acc):>+7.1f}"
+        print(line, flush=True)
+
+
+def bench_demo(args: argparse.Namespace) -> None:
+    from embr_rl.config import ModelConfig, TaskConfig
+    from embr_rl.eval import boxed_integer_scorer
+    from embr_rl.models.loader import load_model
+    from embr_rl.models.tokenizer import decode_completions, encode_prompts
+    from embr_rl.tasks import format_prompt, load_task
+
+    path = Path(args.model) if args.model else default_model()
+    loaded = load_model(ModelConfig(path=str(path), device="cpu"))
+    loaded.model.eval()
+    problems = load_task(TaskConfig(name="arith"), "test")[: args.problems]
+    texts = [format_prompt(p, "plain") for p in problems]
+    chunks = [
+        encode_prompts(loaded.tokenizer, texts[i : i + args.batch])
+        for i in range(0, len(texts), args.batch)
+    ]
+    print(
+        f"demo base model {path} ({sum(p.numel() for p in loaded.model.parameters()) / 1e6:.2f}M"
+        f" parameters), {len(problems)} held-out arith problems, batch {args.batch}, T=0"
+    )
+
+    def score(outputs: list) -> float:
+        return sum(
+            boxed_integer_scorer(c, p) for c, p in zip(outputs, problems, strict=True)
+        ) / len(problems)
+
+    for gen_length in args.gen_lengths:
+        block, steps = settings(gen_length)
+
+        def run(mode: dict, gen_length: int = gen_length, block: int = block, steps: int = steps):
+            stats = DecodeStats()
+            outputs: list[str] = []
+            for ids, mask in chunks:
+                out = generate(
+                    loaded.model,
+                    ids,
+                    mask,
+                    gen_length=gen_length,
+                    block_length=block,
+                    steps=steps,
+                    mask_id=loaded.mask_token_id,
+                    eos_id=loaded.eos_token_id,
+                    stats=stats,
+                    **mode,
+                )
+                outputs += decode_completions(
+                    loaded.tokenizer, out[:, ids.shape[1] :], loaded.eos_token_id
+                )
+            return outputs, stats
+
+        repeats = args.repeats if gen_length <= 32 else max(1, args.repeats // 2)
+        results = run_modes(run, list(MODES), repeats)
+        report(
+            f"gen_length {gen_length}, block {block}, steps {steps} (median of {repeats})",
+            results,
+            score,
+        )
+
+
+def bench_random(args: argparse.Namespace) -> None:
+    from embr_rl.models import EmbrDiffusionConfig, EmbrDiffusionModel
+
+    torch.manual_seed(0)
+    cfg = EmbrDiffusionConfig(
+        vocab_size=args.random_vocab,
+        hidden_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        intermediate_size=768,
+        max_position_embeddings=4096,
+        mask_token_id=args.random_vocab - 1,
+    )
+    model = EmbrDiffusionModel(cfg).eval()
+    prompts = torch.randint(0, args.random_vocab - 2, (args.random_batch, 32))
+    print(
+        f"\nrandom LLaDA-shaped model: 4 layers x 256 (2 heads of 128, FFN 768), vocabulary "
+        f"{args.random_vocab}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
+        f"parameters, batch {args.random_batch}, prompt 32, T=0. Random weights are flat, so "
+        "threshold modes commit ~1 token a step here: read this part for the cache's cost."
+    )
+    modes = ["exact", "prefix", "dual", "thr0.9+prefix", "thr0.9+dual"]
+    for gen_length in args.random_gen_lengths:
+        block, steps = settings(gen_length)
+
+        def run(mode: dict, gen_length: int = gen_length, block: int = block, steps: int = steps):
+            stats = DecodeStats()
+            out = generate(
+                model,
+                prompts,
+                gen_length=gen_length,
+                block_length=block,
+                steps=steps,
+                mask_id=cfg.mask_token_id,
+                stats=stats,
+                **mode,
+            )
+            return out[:, 32:].tolist(), stats
+
+        results = run_modes(run, modes, 1)
+        report(
+            f"random model, gen_length {gen_length}, block {block}, steps {steps}", results, None
+        )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", help="demo base model directory")
+    ap.add_argument("--problems", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--gen-lengths", type=int, nargs="+", default=[32, 128, 256])
+    ap.add_argument("--random-gen-lengths", type=int, nargs="+", default=[128, 256])
+    ap.add_argument("--random-batch", type=int, default=4)
+    ap.add_argument("--random-vocab", type=int, default=8192)
+    ap.add_argument("--skip-demo", action="store_true")
+    ap.add_argument("--skip-random", action="store_true")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    if not args.skip_demo:
+        bench_demo(args)
+    if not args.skip_random:
+        bench_random(args)
+
+
+if __name__ == "__main__":
+    main()
