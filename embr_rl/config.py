@@ -192,6 +192,7 @@ class LearnerConfig:
     lr: float = field_(1e-5, gt=0)
     weight_decay: float = field_(0.0, ge=0)
     adam_betas: list[float] = field_(factory=lambda: [0.9, 0.99])
+    adam_eps: float = field_(1e-8, gt=0)
     warmup_steps: int = field_(0, ge=0)
     lr_schedule: str = field_("constant", choices=["constant", "cosine", "linear"])
     max_grad_norm: float = field_(1.0, gt=0)

@@ -59,7 +59,9 @@ def rows_to_batch(
     prompt, pvalid = _left_pad(table, "prompt_ids", ids.pad_id)
     comp, lengths = token_matrix(table, "completion_ids", pad_id=ids.pad_id)
     cvalid = np.arange(comp.shape[1])[None, :] < lengths[:, None]
-    _, groups = np.unique(np.asarray(table.column("group_id").to_pylist(), dtype=object), return_inverse=True)
+    _, groups = np.unique(
+        np.asarray(table.column("group_id").to_pylist(), dtype=object), return_inverse=True
+    )
     completion = torch.from_numpy(comp)
     mask = span_mask(completion, span=span, eos_id=ids.eos_id, valid=torch.from_numpy(cvalid))
     return LossBatch(
@@ -68,7 +70,9 @@ def rows_to_batch(
         rewards=torch.from_numpy(table.column("reward").to_numpy().astype(np.float32)).to(device),
         group_ids=torch.from_numpy(groups.astype(np.int64).reshape(-1)).to(device),
         models=models,
-        prompt_attention_mask=None if pvalid.all() else torch.from_numpy(pvalid.astype(np.int64)).to(device),
+        prompt_attention_mask=None
+        if pvalid.all()
+        else torch.from_numpy(pvalid.astype(np.int64)).to(device),
         completion_mask=None if bool(mask.all()) else mask.to(device),
         pairs=None if pairs is None else pairs.to(device),
     )
@@ -89,7 +93,9 @@ def pairs_to_batch(
     pairs = torch.arange(2 * n, dtype=torch.long).view(n, 2)
     # Pairs share a prompt by construction: group by prompt, whatever group_id says.
     rows = both.take(pa.array(order)).set_column(
-        both.schema.get_field_index("group_id"), "group_id", both.take(pa.array(order)).column("prompt_id")
+        both.schema.get_field_index("group_id"),
+        "group_id",
+        both.take(pa.array(order)).column("prompt_id"),
     )
     return rows_to_batch(rows, models, ids=ids, span=span, device=device, pairs=pairs)
 
@@ -109,7 +115,9 @@ def to_loss_batch(
         return pairs_to_batch(data, models, ids=ids, span=span, device=device)
     if isinstance(data, pa.Table):
         return rows_to_batch(data, models, ids=ids, span=span, device=device)
-    raise TypeError(f"cannot train on {type(data).__name__}; expected a Table, PairBatch or LossBatch")
+    raise TypeError(
+        f"cannot train on {type(data).__name__}; expected a Table, PairBatch or LossBatch"
+    )
 
 
 def shard(data: pa.Table | PairBatch, rank: int, world_size: int) -> pa.Table | PairBatch:
@@ -120,7 +128,9 @@ def shard(data: pa.Table | PairBatch, rank: int, world_size: int) -> pa.Table | 
     size = n // world_size
     if isinstance(data, PairBatch):
         return PairBatch(
-            data.first.slice(rank * size, size), data.second.slice(rank * size, size), data.equal_reward_share
+            data.first.slice(rank * size, size),
+            data.second.slice(rank * size, size),
+            data.equal_reward_share,
         )
     return data.slice(rank * size, size)
 
@@ -158,5 +168,9 @@ def split_batch(batch: LossBatch, num: int) -> list[LossBatch]:
     out = []
     for chunk in pairs.tensor_split(num):
         rows, local = torch.unique(chunk.reshape(-1), return_inverse=True)
-        out.append(_select(batch, rows.to(batch.rewards.device), local.view(-1, 2).to(batch.rewards.device)))
+        out.append(
+            _select(
+                batch, rows.to(batch.rewards.device), local.view(-1, 2).to(batch.rewards.device)
+            )
+        )
     return out

@@ -49,7 +49,9 @@ class _RemoteBuffer:
 class LearnerRank:
     """The body of one rank's actor: sets up the process group, then owns a ``Learner``."""
 
-    def __init__(self, cfg: Config, rank: int, world_size: int, factory: ModelFactory | None = None):
+    def __init__(
+        self, cfg: Config, rank: int, world_size: int, factory: ModelFactory | None = None
+    ):
         self.cfg, self.rank, self.world_size, self.factory = cfg, rank, world_size, factory
         self.learner: Any = None
 
@@ -69,7 +71,9 @@ class LearnerRank:
 
         if torch.cuda.is_available():
             os.environ["LOCAL_RANK"] = "0"  # Ray exposes one device per rank
-        init_distributed(self.rank, self.world_size, host=host, port=port, backend=self.cfg.learner.dist_backend)
+        init_distributed(
+            self.rank, self.world_size, host=host, port=port, backend=self.cfg.learner.dist_backend
+        )
         if self.factory is None:
             self.learner = Learner.from_config(self.cfg)
         else:
@@ -116,7 +120,10 @@ class LearnerRank:
 def mean_metrics(per_rank: Sequence[dict[str, float]]) -> dict[str, float]:
     """Average each metric over the ranks that reported it."""
     keys = {k for m in per_rank for k in m}
-    return {k: sum(m[k] for m in per_rank if k in m) / sum(k in m for m in per_rank) for k in sorted(keys)}
+    return {
+        k: sum(m[k] for m in per_rank if k in m) / sum(k in m for m in per_rank)
+        for k in sorted(keys)
+    }
 
 
 class LearnerGroup:
@@ -128,7 +135,9 @@ class LearnerGroup:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         lc = cfg.learner
-        bundle = {k: v for k, v in (("CPU", lc.num_cpus_per_rank), ("GPU", lc.num_gpus_per_rank)) if v > 0}
+        bundle = {
+            k: v for k, v in (("CPU", lc.num_cpus_per_rank), ("GPU", lc.num_gpus_per_rank)) if v > 0
+        }
         if not bundle:
             raise ValueError(
                 "learner.num_cpus_per_rank and learner.num_gpus_per_rank are both 0; "
@@ -143,7 +152,9 @@ class LearnerGroup:
             actor.options(
                 num_cpus=lc.num_cpus_per_rank,
                 num_gpus=lc.num_gpus_per_rank,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    self.pg, placement_group_bundle_index=i
+                ),
             ).remote(cfg, i, lc.num_ranks, factory)
             for i in range(lc.num_ranks)
         ]
@@ -153,14 +164,21 @@ class LearnerGroup:
         self._workers: list[Any] = []
         self.version = 0
 
-    def train_step(self, batch: pa.Table | PairBatch | None = None, buffer: Any = None) -> dict[str, float]:
+    def train_step(
+        self, batch: pa.Table | PairBatch | None = None, buffer: Any = None
+    ) -> dict[str, float]:
         """One step on a given global batch (sharded over ranks) or on shards drawn from ``buffer``."""
         import ray
 
         if (batch is None) == (buffer is None):
-            raise ValueError("give exactly one of batch (a global batch) or buffer (a buffer actor)")
+            raise ValueError(
+                "give exactly one of batch (a global batch) or buffer (a buffer actor)"
+            )
         if batch is not None:
-            refs = [r.train_step.remote(shard(batch, i, self.world_size)) for i, r in enumerate(self.ranks)]
+            refs = [
+                r.train_step.remote(shard(batch, i, self.world_size))
+                for i, r in enumerate(self.ranks)
+            ]
         else:
             refs = [r.train_from_buffer.remote(buffer) for r in self.ranks]
         return mean_metrics(ray.get(refs))
@@ -185,7 +203,9 @@ class LearnerGroup:
         world = len(workers) + 1
 
         def spec(rank: int) -> SyncSpec:
-            return SyncSpec(manifest, method, rank, world, host, port, backend, lc.sync_timeout_s, device)
+            return SyncSpec(
+                manifest, method, rank, world, host, port, backend, lc.sync_timeout_s, device
+            )
 
         ray.get(
             [self.ranks[0].open_sync.remote(spec(0))]

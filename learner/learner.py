@@ -22,10 +22,10 @@ from __future__ import annotations
 import copy
 import math
 import os
-import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -38,13 +38,13 @@ from torch import Tensor, nn
 if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-import deepspeed  # noqa: E402
+import deepspeed
 
-from buffer.replay import PairBatch  # noqa: E402
-from embr_rl.config import AlgoConfig, Config, LearnerConfig, LoraConfig  # noqa: E402
-from embr_rl.losses import LossBatch, LossModels, get_loss  # noqa: E402
-from learner.batching import TokenIds, split_batch, to_loss_batch  # noqa: E402
-from learner.sync import (  # noqa: E402
+from buffer.replay import PairBatch
+from embr_rl.config import AlgoConfig, Config, LearnerConfig, LoraConfig
+from embr_rl.losses import LossBatch, LossModels, LossOutput, get_loss
+from learner.batching import TokenIds, split_batch, to_loss_batch
+from learner.sync import (
     Manifest,
     SyncSpec,
     SyncStats,
@@ -52,6 +52,7 @@ from learner.sync import (  # noqa: E402
     WeightBroadcast,
     build_manifest,
     flatten_bucket,
+    free_port,
     get_broadcast,
     unflatten_bucket,
 )
@@ -81,15 +82,13 @@ class PolicySpec:
     eos_id: int | None = None
 
 
-def free_port() -> int:
-    """A TCP port that was free a moment ago (bind to port 0)."""
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return int(s.getsockname()[1])
-
-
 def init_distributed(
-    rank: int = 0, world_size: int = 1, *, host: str = "127.0.0.1", port: int | None = None, backend: str = "auto"
+    rank: int = 0,
+    world_size: int = 1,
+    *,
+    host: str = "127.0.0.1",
+    port: int | None = None,
+    backend: str = "auto",
 ) -> None:
     """Initialise the default process group for DeepSpeed (gloo on CPU, NCCL on GPU)."""
     if dist.is_initialized():
@@ -139,9 +138,13 @@ class _Trainable(nn.Module):
         super().__init__()
         self.policy = policy
         self.energy_head = energy_head
+        self.metrics: dict[str, float] = {}
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.policy(*args, **kwargs)
+    def forward(self, compute: Callable[[], LossOutput]) -> Tensor:
+        """Run one loss under the engine's forward (ZeRO needs its forward/backward hooks)."""
+        out = compute()
+        self.metrics = out.metrics
+        return out.loss
 
 
 class _AdapterDisabled(nn.Module):
@@ -167,7 +170,10 @@ def _wrap_lora(model: nn.Module, lora: LoraConfig) -> nn.Module:
     from peft import get_peft_model
 
     cfg = PeftLoraConfig(
-        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules)
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
     )
     return get_peft_model(model, cfg)
 
@@ -218,14 +224,22 @@ class Learner:
         if algo.name in ENERGY_HEAD_LOSSES:
             from embr_rl.models import EnergyHead
 
-            head = EnergyHead(int(policy.config.hidden_size), algo.value_head_hidden).to(self.device)
+            head = EnergyHead(int(policy.config.hidden_size), algo.value_head_hidden).to(
+                self.device
+            )
         trainable = _Trainable(policy, head)
         params = [p for p in trainable.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(
-            params, lr=cfg.lr, betas=(cfg.adam_betas[0], cfg.adam_betas[1]), weight_decay=cfg.weight_decay
+            params,
+            lr=cfg.lr,
+            betas=(cfg.adam_betas[0], cfg.adam_betas[1]),
+            eps=cfg.adam_eps,
+            weight_decay=cfg.weight_decay,
         )
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
-        self.bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
+        self.bf16 = cfg.precision == "bf16" or (
+            cfg.precision == "auto" and self.device.type == "cuda"
+        )
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=trainable,
@@ -257,7 +271,9 @@ class Learner:
         from embr_rl.models.loader import load_model
 
         loaded = load_model(cfg.model, for_training=True)
-        spec = PolicySpec(loaded.model, loaded.mask_token_id, loaded.pad_token_id, loaded.eos_token_id)
+        spec = PolicySpec(
+            loaded.model, loaded.mask_token_id, loaded.pad_token_id, loaded.eos_token_id
+        )
         return cls(cfg.learner, cfg.algo, spec, lora=cfg.model.lora, seed=cfg.seed)
 
     def deepspeed_config(self) -> dict[str, Any]:
@@ -289,7 +305,11 @@ class Learner:
 
         The draw is seeded by ``(seed, step, rank)``, so ranks draw different rows.
         """
-        seed = int(np.random.SeedSequence([self.seed, self.step if step is None else step, self.rank]).generate_state(1)[0])
+        seed = int(
+            np.random.SeedSequence(
+                [self.seed, self.step if step is None else step, self.rank]
+            ).generate_state(1)[0]
+        )
         n = self.local_batch_size()
         if self.pairwise:
             return buffer.sample_pairs(n // 2, generator=seed)
@@ -310,15 +330,15 @@ class Learner:
         norm: float | None = None
         for i, micro in enumerate(split_batch(data, self.grad_accum)):
             self.models.generator.manual_seed(self._mask_seed(i))
-            out = self.loss_fn(micro, self.algo)
-            self.engine.backward(out.loss)
+            loss = self.engine(partial(self.loss_fn, micro, self.algo))
+            self.engine.backward(loss)
             if self.cfg.zero_stage == 0 and i == self.grad_accum - 1:
                 # Stage 0 does not record the norm; gradients are all-reduced by now.
                 grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
                 norm = float(torch.nn.utils.get_total_norm(grads))
             self.engine.step()
-            losses.append(float(out.loss.detach()))
-            for k, v in out.metrics.items():
+            losses.append(float(loss.detach()))
+            for k, v in self.engine.module.metrics.items():
                 sums[k] = sums.get(k, 0.0) + v
         self.step += 1
         metrics = {k: v / len(losses) for k, v in sums.items()}
@@ -364,7 +384,10 @@ class Learner:
         """Names, full shapes and dtypes of the broadcast tensors (LoRA: adapter only)."""
         params = dict(self.policy.named_parameters())
         names = self._sync_names if names is None else names
-        shapes = [(n, tuple(getattr(params[n], "ds_shape", params[n].shape)), params[n].dtype) for n in names]
+        shapes = [
+            (n, tuple(getattr(params[n], "ds_shape", params[n].shape)), params[n].dtype)
+            for n in names
+        ]
         return build_manifest(shapes, self.cfg.bucket_mb if bucket_mb is None else bucket_mb)
 
     def full_state(self) -> dict[str, Tensor]:
@@ -409,7 +432,9 @@ class Learner:
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Full training state under ``path``: DeepSpeed checkpoint, RNG per rank, HF export."""
         path = Path(path)
-        self.engine.save_checkpoint(str(path), tag="engine", client_state={"learner_step": self.step})
+        self.engine.save_checkpoint(
+            str(path), tag="engine", client_state={"learner_step": self.step}
+        )
         rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state()
@@ -445,7 +470,11 @@ class Learner:
             save_file(adapter, str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
             self.policy.peft_config["default"].save_pretrained(str(path))
             return path
-        buffers = {k: v.detach().cpu().clone() for k, v in self.policy.state_dict().items() if k not in state}
+        buffers = {
+            k: v.detach().cpu().clone()
+            for k, v in self.policy.state_dict().items()
+            if k not in state
+        }
         save_file({**state, **buffers}, str(path / "model.safetensors"), metadata={"format": "pt"})
         config = getattr(self.policy, "config", None)
         if config is not None and hasattr(config, "save_pretrained"):

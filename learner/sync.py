@@ -20,6 +20,7 @@ batches, so a generation never sees half an update.
 from __future__ import annotations
 
 import datetime
+import socket
 import threading
 import time
 import warnings
@@ -48,6 +49,7 @@ __all__ = [
     "WeightSyncClient",
     "build_manifest",
     "flatten_bucket",
+    "free_port",
     "get_broadcast",
     "iter_buckets",
     "register_broadcast",
@@ -98,7 +100,9 @@ class Manifest:
         return zlib.crc32(text.encode())
 
 
-def build_manifest(tensors: Iterable[tuple[str, Sequence[int], torch.dtype]], bucket_mb: float) -> Manifest:
+def build_manifest(
+    tensors: Iterable[tuple[str, Sequence[int], torch.dtype]], bucket_mb: float
+) -> Manifest:
     """Group ``(name, shape, dtype)`` into single-dtype buckets of at most ``bucket_mb`` MiB.
 
     Order is kept within a dtype; a tensor larger than a bucket gets a bucket of its own.
@@ -135,6 +139,13 @@ def unflatten_bucket(flat: Tensor, specs: Sequence[TensorSpec]) -> list[Tensor]:
         out.append(flat[offset : offset + s.numel].view(s.shape))
         offset += s.numel
     return out
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago (bind to port 0)."""
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return int(s.getsockname()[1])
 
 
 # --------------------------------------------------------------------------- protocol
@@ -227,7 +238,12 @@ def _stateless_group(spec: SyncSpec) -> tuple[dist.ProcessGroup, dist.Store]:
     """A process group of its own (not the default one), rendezvous through a ``TCPStore``."""
     timeout = datetime.timedelta(seconds=spec.timeout_s)
     store = dist.TCPStore(
-        spec.host, spec.port, spec.world_size, spec.rank == 0, timeout=timeout, wait_for_workers=True
+        spec.host,
+        spec.port,
+        spec.world_size,
+        spec.rank == 0,
+        timeout=timeout,
+        wait_for_workers=True,
     )
     prefixed = dist.PrefixStore("embr_weight_sync", store)
     if spec.backend == "nccl":
@@ -309,7 +325,9 @@ class TorchDistReceiver(_TorchDistBase):
         out: dict[str, Tensor] = {}
         for b in range(len(m.buckets)):
             specs = m.bucket_specs(b)
-            flat = torch.empty(sum(s.numel for s in specs), dtype=specs[0].dtype, device=spec.device)
+            flat = torch.empty(
+                sum(s.numel for s in specs), dtype=specs[0].dtype, device=spec.device
+            )
             _broadcast(group, flat)
             out.update(zip((s.name for s in specs), unflatten_bucket(flat, specs), strict=True))
         return out
@@ -363,7 +381,9 @@ class ObjectStoreReceiver:
         got_version, crc, arrays = payload
         m = self.spec.manifest
         if crc != m.checksum() or len(arrays) != len(m.buckets):
-            raise RuntimeError(f"weight update v{got_version} does not match this worker's manifest")
+            raise RuntimeError(
+                f"weight update v{got_version} does not match this worker's manifest"
+            )
         if got_version != version:
             raise RuntimeError(f"expected weight version {version}, learner sent {got_version}")
         out: dict[str, Tensor] = {}
@@ -412,7 +432,9 @@ class WeightSyncClient:
         params = dict(self.model.named_parameters())
         missing = [s.name for s in spec.manifest.specs if s.name not in params]
         if missing:
-            raise KeyError(f"this worker's model has no parameter {missing[0]!r} (of {len(missing)})")
+            raise KeyError(
+                f"this worker's model has no parameter {missing[0]!r} (of {len(missing)})"
+            )
         if self.receiver is not None:
             self.receiver.close()
         self.receiver = get_broadcast(spec.method).receiver()

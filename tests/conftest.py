@@ -12,6 +12,10 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("EMBR_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Local Ray clusters answer 401 without this (Ray 2.60); DeepSpeed probes for CUDA otherwise.
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -59,7 +63,6 @@ def tiny_model() -> torch.nn.Module:
 def ray_session():
     """One local Ray instance (num_cpus=2) shared by every integration test."""
     ray = pytest.importorskip("ray")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     if not ray.is_initialized():
         ray.init(
             num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="embr_rl_tests"

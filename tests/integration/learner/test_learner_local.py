@@ -25,7 +25,9 @@ def _cfg(**kw) -> LearnerConfig:
 
 
 def test_embr_e_trains_policy_and_head(one_rank: None) -> None:
-    learner = Learner(_cfg(zero_stage=2), AlgoConfig(name="embr_e", num_mc_samples=2), tiny_policy())
+    learner = Learner(
+        _cfg(zero_stage=2), AlgoConfig(name="embr_e", num_mc_samples=2), tiny_policy()
+    )
     try:
         head = learner.engine.module.energy_head
         before = {n: p.detach().clone() for n, p in learner.engine.module.named_parameters()}
@@ -34,7 +36,9 @@ def test_embr_e_trains_policy_and_head(one_rank: None) -> None:
         after = dict(learner.engine.module.named_parameters())
         # The head's last layer starts at zero; it must have moved, as must the policy.
         assert not torch.equal(head.net[-1].weight.detach(), torch.zeros_like(head.net[-1].weight))
-        assert not torch.equal(after["policy.embed_tokens.weight"], before["policy.embed_tokens.weight"])
+        assert not torch.equal(
+            after["policy.embed_tokens.weight"], before["policy.embed_tokens.weight"]
+        )
         # The reference is frozen at the initial policy.
         ref = dict(learner.models.reference.named_parameters())
         assert torch.equal(ref["embed_tokens.weight"], before["policy.embed_tokens.weight"])
@@ -58,7 +62,9 @@ def test_lora_trains_adapter_only_and_reference_is_base(one_rank: None) -> None:
         assert names and all("lora_" in n for n in names)
         for n, p in learner.policy.named_parameters():
             if "lora_" not in n:
-                assert torch.equal(p, base[n.replace("base_model.model.", "").replace("base_layer.", "")])
+                assert torch.equal(
+                    p, base[n.replace("base_model.model.", "").replace("base_layer.", "")]
+                )
         x = torch.randint(2, 30, (2, 7))
         with torch.no_grad():
             ref_logits = learner.models.reference(input_ids=x).logits
@@ -74,7 +80,9 @@ def test_lora_trains_adapter_only_and_reference_is_base(one_rank: None) -> None:
 def test_hf_export_loads_with_from_pretrained(one_rank: None, tmp_path) -> None:
     from embr_rl.models import EmbrDiffusionModel
 
-    learner = Learner(_cfg(zero_stage=3), AlgoConfig(name="embr_c", num_mc_samples=2), tiny_policy())
+    learner = Learner(
+        _cfg(zero_stage=3), AlgoConfig(name="embr_c", num_mc_samples=2), tiny_policy()
+    )
     try:
         learner.train_step(rows(0))
         state = learner.full_state()
@@ -86,3 +94,39 @@ def test_hf_export_loads_with_from_pretrained(one_rank: None, tmp_path) -> None:
     assert set(got) == set(state)
     for n, p in state.items():
         assert torch.equal(got[n], p), n
+
+
+def test_lora_broadcast_sends_adapter_only(one_rank: None) -> None:
+    import threading
+
+    from learner.learner import _wrap_lora
+    from learner.sync import SyncSpec, WeightSyncClient, free_port
+
+    lora = LoraConfig(enabled=True, r=4, alpha=8, dropout=0.0)
+    learner = Learner(_cfg(), AlgoConfig(name="embr_c", num_mc_samples=2), tiny_policy(), lora=lora)
+    worker = _wrap_lora(tiny_policy().model, lora)
+    client = WeightSyncClient(worker)
+    try:
+        learner.train_step(rows(0))
+        manifest = learner.manifest()
+        spec = SyncSpec(manifest, "torch_dist", 0, 2, "127.0.0.1", free_port(), "gloo", 60.0)
+        joined = threading.Thread(
+            target=client.connect, args=(SyncSpec(**{**spec.__dict__, "rank": 1}),)
+        )
+        joined.start()
+        learner.open_sync(spec)
+        joined.join(60)
+        received = threading.Thread(target=client.receive, args=(None, 4))
+        received.start()
+        stats, _ = learner.push_weights(4)
+        received.join(60)
+        assert client.apply_pending() == 4
+        adapter = {n: p for n, p in learner.policy.named_parameters() if "lora_" in n}
+        assert stats.bytes == sum(p.numel() * p.element_size() for p in adapter.values())
+        assert stats.bytes < sum(p.numel() * 4 for p in learner.policy.parameters()) / 10
+        got = dict(worker.named_parameters())
+        for n, p in adapter.items():
+            assert torch.equal(got[n], p), n
+    finally:
+        client.close()
+        learner.close()

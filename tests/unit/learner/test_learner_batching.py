@@ -79,3 +79,19 @@ def test_lr_warmup_then_decay() -> None:
     lin = LearnerConfig(warmup_steps=0, total_steps=10, lr_schedule="linear")
     assert lr_factor(5, lin) == pytest.approx(0.5)
     assert lr_factor(3, LearnerConfig(lr_schedule="constant")) == 1.0
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("learner.placement_strategy=CLUSTER", "learner.placement_strategy"),
+        ("learner.sync_backend=mpi", "learner.sync_backend"),
+        ("learner.adam_eps=0", "learner.adam_eps"),
+    ],
+)
+def test_learner_config_fields_are_validated(override: str, key: str) -> None:
+    from embr_rl.config import ConfigError, load_config
+
+    assert load_config(overrides=[]).learner.placement_strategy == "PACK"
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(overrides=[override])
