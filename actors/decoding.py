@@ -11,7 +11,9 @@ is Gumbel-max in float64; temperature 0 is argmax. Committed tokens are never re
 Fast modes (each an approximation of the exact mode, measured by ``bench/decode.py``):
 
 - ``threshold=tau``: commit every masked position of the block whose confidence is at
-  least ``tau`` (at least one per step); a block ends when it has no mask left.
+  least ``tau``, and at least as many as exact mode's schedule commits at that step (at
+  least one), so a block never takes more forwards than in exact mode; with
+  ``steps == gen_length`` this is Fast-dLLM's rule (threshold, else the top one).
 - ``cache="prefix"``: Fast-dLLM's prefix cache. Each block starts with one full forward
   that also records keys/values; later steps of the block compute only the block and the
   positions after it, attending to the cached prompt and finished blocks.
@@ -237,7 +239,11 @@ def _commit_block(
     remasking: str,
     generator: torch.Generator | None,
 ) -> torch.Tensor:
-    """One step on the block [R, L]: commit the ``k`` most confident masked positions."""
+    """One step on the block [R, L]: commit the ``k`` most confident masked positions.
+
+    ``k`` is the schedule's count, or with ``threshold`` the number of masked positions at
+    or above it, raised to the schedule's count (at least one).
+    """
     masked = block == mask_id
     x0 = gumbel_argmax(logits, temperature, generator)
     if remasking == "low_confidence":
@@ -249,7 +255,10 @@ def _commit_block(
     if threshold is None:
         k = k_schedule
     else:
-        k = torch.minimum((conf >= threshold).sum(1).clamp(min=1), masked.sum(1))
+        k = (conf >= threshold).sum(1).clamp(min=1)
+        if k_schedule is not None:
+            k = torch.maximum(k, k_schedule)
+        k = torch.minimum(k, masked.sum(1))
     k_max = int(k.max())
     commit = torch.zeros_like(masked)
     if k_max > 0:
@@ -362,7 +371,7 @@ def generate(
             else:
                 stop = p + gen_length if cache == "prefix" else end
                 logits = fwd.partial(x, rows, start, stop, end, kv)
-            k = schedule[sched_row, step] if threshold is None else None
+            k = schedule[sched_row, step] if step < steps_per_block else None
             x[rows, start:end] = _commit_block(
                 x[rows, start:end], logits, k, threshold, mask_id, temperature, remasking, generator
             )

@@ -22,7 +22,7 @@ import torch
 from actors.engines import DecodeOptions, RolloutEngine, build_engine
 from actors.verifiers import Score, Verifier, build_verifier
 from actors.verifiers.pool import ScoringPool
-from buffer.schema import rows_from_dicts
+from buffer.schema import empty_table, rows_from_dicts
 from embr_rl.models.tokenizer import decode_completions
 from embr_rl.tasks import Problem, format_prompt
 
@@ -159,6 +159,8 @@ class RolloutWorker:
 
     def generate(self, problems: Sequence[Problem]) -> pa.Table:
         """``group_size`` scored completions per problem, as rows of the buffer schema."""
+        if not problems:
+            return empty_table()
         with self._generating:
             self._apply_pending()
             version = self._version

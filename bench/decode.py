@@ -37,6 +37,8 @@ MODES: dict[str, dict] = {
     "thr0.9+dual+eos": {"threshold": 0.9, "cache": "dual", "stop_at_eos": True},
 }
 
+LONG_MODES = ["exact", "prefix", "dual", "thr0.9+prefix", "thr0.9+dual", "thr0.9+dual+eos"]
+
 
 def default_model() -> Path:
     for name in ("demo", "decode_base"):
@@ -94,7 +96,7 @@ def report(title: str, results: dict[str, dict], score: Callable[[list], float] 
 
 def bench_demo(args: argparse.Namespace) -> None:
     from embr_rl.config import ModelConfig, TaskConfig
-    from embr_rl.eval import boxed_integer_scorer
+    from embr_rl.eval import correctness_scorer
     from embr_rl.models.loader import load_model
     from embr_rl.models.tokenizer import decode_completions, encode_prompts
     from embr_rl.tasks import format_prompt, load_task
@@ -104,24 +106,31 @@ def bench_demo(args: argparse.Namespace) -> None:
     loaded.model.eval()
     problems = load_task(TaskConfig(name="arith"), "test")[: args.problems]
     texts = [format_prompt(p, "plain") for p in problems]
-    chunks = [
-        encode_prompts(loaded.tokenizer, texts[i : i + args.batch])
-        for i in range(0, len(texts), args.batch)
-    ]
     print(
         f"demo base model {path} ({sum(p.numel() for p in loaded.model.parameters()) / 1e6:.2f}M"
         f" parameters), {len(problems)} held-out arith problems, batch {args.batch}, T=0"
     )
 
+    scorer = correctness_scorer()
+
     def score(outputs: list) -> float:
-        return sum(
-            boxed_integer_scorer(c, p) for c, p in zip(outputs, problems, strict=True)
-        ) / len(problems)
+        return sum(scorer(c, p) for c, p in zip(outputs, problems, strict=False)) / len(outputs)
 
     for gen_length in args.gen_lengths:
         block, steps = settings(gen_length)
+        n = len(problems) if gen_length <= 32 else min(len(problems), args.long_problems)
+        width = min(args.batch, n)
+        chunks = [
+            encode_prompts(loaded.tokenizer, texts[i : i + width]) for i in range(0, n, width)
+        ]
 
-        def run(mode: dict, gen_length: int = gen_length, block: int = block, steps: int = steps):
+        def run(
+            mode: dict,
+            gen_length: int = gen_length,
+            block: int = block,
+            steps: int = steps,
+            chunks: list = chunks,
+        ):
             stats = DecodeStats()
             outputs: list[str] = []
             for ids, mask in chunks:
@@ -142,10 +151,12 @@ def bench_demo(args: argparse.Namespace) -> None:
                 )
             return outputs, stats
 
-        repeats = args.repeats if gen_length <= 32 else max(1, args.repeats // 2)
-        results = run_modes(run, list(MODES), repeats)
+        repeats = args.repeats if gen_length <= 32 else 1
+        modes = list(MODES) if gen_length <= 32 else LONG_MODES
+        results = run_modes(run, modes, repeats)
         report(
-            f"gen_length {gen_length}, block {block}, steps {steps} (median of {repeats})",
+            f"gen_length {gen_length}, block {block}, steps {steps}, {n} problems in batches of "
+            f"{width} (median of {repeats})",
             results,
             score,
         )
@@ -158,7 +169,7 @@ def bench_random(args: argparse.Namespace) -> None:
     cfg = EmbrDiffusionConfig(
         vocab_size=args.random_vocab,
         hidden_size=256,
-        num_hidden_layers=4,
+        num_hidden_layers=args.random_layers,
         num_attention_heads=2,
         intermediate_size=768,
         max_position_embeddings=4096,
@@ -167,10 +178,10 @@ def bench_random(args: argparse.Namespace) -> None:
     model = EmbrDiffusionModel(cfg).eval()
     prompts = torch.randint(0, args.random_vocab - 2, (args.random_batch, 32))
     print(
-        f"\nrandom LLaDA-shaped model: 4 layers x 256 (2 heads of 128, FFN 768), vocabulary "
+        f"\nrandom LLaDA-shaped model: {args.random_layers} layers x 256 (2 heads of 128, FFN 768), vocabulary "
         f"{args.random_vocab}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
         f"parameters, batch {args.random_batch}, prompt 32, T=0. Random weights are flat, so "
-        "threshold modes commit ~1 token a step here: read this part for the cache's cost."
+        "threshold modes fall back to the exact schedule here: read this part for the cost of the cache."
     )
     modes = ["exact", "prefix", "dual", "thr0.9+prefix", "thr0.9+dual"]
     for gen_length in args.random_gen_lengths:
@@ -201,14 +212,16 @@ def main() -> None:
     ap.add_argument("--model", help="demo base model directory")
     ap.add_argument("--problems", type=int, default=128)
     ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--long-problems", type=int, default=32, help="problems at lengths > 32")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--gen-lengths", type=int, nargs="+", default=[32, 128, 256])
     ap.add_argument("--random-gen-lengths", type=int, nargs="+", default=[128, 256])
-    ap.add_argument("--random-batch", type=int, default=4)
-    ap.add_argument("--random-vocab", type=int, default=8192)
+    ap.add_argument("--random-batch", type=int, default=2)
+    ap.add_argument("--random-vocab", type=int, default=4096)
+    ap.add_argument("--random-layers", type=int, default=2)
     ap.add_argument("--skip-demo", action="store_true")
     ap.add_argument("--skip-random", action="store_true")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if not args.skip_demo:

@@ -288,6 +288,9 @@ class PretrainConfig:
     lr: float = field_(2e-3, gt=0)
     weight_decay: float = field_(0.01, ge=0)
     warmup_steps: int = field_(100, ge=0)
+    # "count" (l ~ U{1..L}, weight L/l) keeps gradients bounded; "uniform" (1/t) does not.
+    timesteps: str = field_("count", choices=["uniform", "count"])
+    max_grad_norm: float = field_(1.0, gt=0)
     eval_every_s: float = field_(120.0, gt=0)
     vocab_size: int = field_(64, ge=8)
     prompt_length: int = field_(16, ge=1)

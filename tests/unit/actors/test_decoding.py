@@ -412,3 +412,14 @@ def test_finished_rows_stop_costing_compute() -> None:
     # Block 1: both rows once, then row 1 alone 3 more times; block 2: row 1 alone 4 times.
     assert stats.forward_passes == 8
     assert stats.positions_computed == 10 * (2 + 3 + 4)
+
+
+def test_threshold_mode_never_needs_more_forwards_than_exact(tiny_model) -> None:
+    ids, mask = _prompts()
+    kw = dict(gen_length=8, block_length=4, steps=4, mask_id=TINY_MASK_ID)
+    exact_stats, thr_stats = DecodeStats(), DecodeStats()
+    exact = generate(tiny_model, ids, mask, stats=exact_stats, **kw)
+    # The random model is never sure, so the schedule's floor decides every commit.
+    thr = generate(tiny_model, ids, mask, threshold=1.0, stats=thr_stats, **kw)
+    assert torch.equal(thr, exact)
+    assert thr_stats.forward_passes == exact_stats.forward_passes == 4
