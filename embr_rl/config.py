@@ -97,6 +97,8 @@ class ArithConfig:
     max_operands: int = field_(3, ge=2, le=6)
     max_operand: int = field_(19, ge=1)
     ops: list[str] = field_(factory=lambda: ["+", "-"])
+    # False: every intermediate result of a chain of + and - stays >= 0.
+    allow_negative: bool = False
     num_train: int = field_(200000, ge=1)
     num_test: int = field_(500, ge=1)
     seed: int = 1234

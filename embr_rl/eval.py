@@ -12,13 +12,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
-from actors.decoding import DecodeStats, generate
+from actors.decoding import DecodeStats
+from actors.engines import DecodeOptions
+from actors.engines.torch_engine import TorchEngine
 from actors.verifiers import Verifier, build_verifier
 from embr_rl.config import EvalConfig, VerifierConfig
 from embr_rl.models.loader import LoadedModel
-from embr_rl.models.tokenizer import decode_completions, encode_prompts
+from embr_rl.models.tokenizer import decode_completions
 from embr_rl.tasks import Problem, format_prompt
 
 Scorer = Callable[[str, Problem], float]
@@ -57,50 +57,34 @@ def evaluate(
     chat_template: bool = False,
     scorer: Scorer | None = None,
     group_key: str | None = None,
-    max_prompt_length: int | None = None,
     seed: int = 0,
 ) -> EvalResult:
-    """Decode every problem once and score it; ``group_key`` splits accuracy by a metadata field."""
-    model, tok = loaded.model, loaded.tokenizer
+    """Decode every problem once with the built-in engine and score it; ``group_key`` splits
+    accuracy by a metadata field."""
+    tok = loaded.tokenizer
     scorer = scorer or correctness_scorer()
-    was_training = model.training
-    model.eval()
-    gen = torch.Generator(device=loaded.device).manual_seed(seed)
-    stats = DecodeStats()
-    samples: list[dict[str, Any]] = []
-    for i in range(0, len(problems), cfg.batch_size):
-        chunk = problems[i : i + cfg.batch_size]
-        texts = [format_prompt(p, prompt_format, tok, chat_template) for p in chunk]
-        ids, mask = encode_prompts(tok, texts, max_prompt_length)
-        out = generate(
-            model,
-            ids.to(loaded.device),
-            mask.to(loaded.device),
-            gen_length=cfg.gen_length,
-            block_length=cfg.block_length,
-            steps=cfg.steps,
-            mask_id=loaded.mask_token_id,
-            temperature=cfg.temperature,
-            threshold=cfg.threshold,
-            cache=cfg.cache,
-            eos_id=loaded.eos_token_id,
-            stop_at_eos=cfg.stop_at_eos,
-            generator=gen,
-            stats=stats,
-        )
-        completions = decode_completions(tok, out[:, ids.shape[1] :].cpu(), loaded.eos_token_id)
-        for p, text, completion in zip(chunk, texts, completions, strict=True):
-            samples.append(
-                {
-                    "id": p.id,
-                    "prompt": text,
-                    "completion": completion,
-                    "answer": p.answer,
-                    "reward": scorer(completion, p),
-                    "group": None if group_key is None else str(p.metadata.get(group_key)),
-                }
-            )
-    model.train(was_training)
+    engine = TorchEngine(
+        loaded.model,
+        loaded.mask_token_id,
+        eos_id=loaded.eos_token_id,
+        pad_id=loaded.pad_token_id,
+        max_batch_size=cfg.batch_size,
+    )
+    texts = [format_prompt(p, prompt_format, tok, chat_template) for p in problems]
+    prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    out = engine.generate(prompts, DecodeOptions.from_config(cfg), seed=seed)
+    completions = decode_completions(tok, out.completion_ids, loaded.eos_token_id)
+    samples: list[dict[str, Any]] = [
+        {
+            "id": p.id,
+            "prompt": text,
+            "completion": completion,
+            "answer": p.answer,
+            "reward": scorer(completion, p),
+            "group": None if group_key is None else str(p.metadata.get(group_key)),
+        }
+        for p, text, completion in zip(problems, texts, completions, strict=True)
+    ]
     groups: dict[str, list[float]] = defaultdict(list)
     for s in samples:
         if s["group"] is not None:
@@ -111,5 +95,5 @@ def evaluate(
         num=n,
         by_group={k: sum(v) / len(v) for k, v in sorted(groups.items())},
         samples=samples,
-        stats=stats,
+        stats=out.stats,
     )

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from embr_rl.cli import quiet_libraries
 from embr_rl.config import Config, ConfigError, load_config, save_config
 from embr_rl.eval import EvalResult, evaluate
+from embr_rl.masking import sample_masks
 from embr_rl.models.loader import LoadedModel, build_builtin_model, resolve_device
 from embr_rl.models.tokenizer import encode_completions, encode_prompts, train_char_tokenizer
 from embr_rl.tasks import load_task
@@ -41,22 +42,16 @@ def masked_diffusion_loss(
     logits: torch.Tensor,
     targets: torch.Tensor,
     masked: torch.Tensor,
-    t: torch.Tensor,
+    weights: torch.Tensor,
 ) -> torch.Tensor:
     """Negative ELBO per token, averaged over the batch (DESIGN §4.1, one draw per row).
 
-    ``-(1/L) * (1/t) * sum_{i masked} log p(y_i | z_t)`` for completions of length ``L``.
+    ``-(1/L) * w * sum_{i masked} log p(y_i | z)`` for completions of length ``L``, with the
+    draw's weight ``w`` (``1/t`` for ``uniform`` timesteps, ``L/l`` for ``count``).
     """
     nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")  # [B, L]
-    per_row = (nll * masked).sum(dim=1) / t / targets.shape[1]
+    per_row = (nll * masked).sum(dim=1) * weights / targets.shape[1]
     return per_row.mean()
-
-
-def stratified_times(n: int, generator: torch.Generator, t_min: float = 1e-3) -> torch.Tensor:
-    """``t_k = (k + u) / n`` for k = 0..n-1 in random order (stratified over the batch)."""
-    u = torch.rand((), generator=generator)
-    t = (torch.arange(n, dtype=torch.float32) + u) / n
-    return t[torch.randperm(n, generator=generator)].clamp(min=t_min)
 
 
 def _lr_at(step: int, total: int, base: float, warmup: int) -> float:
@@ -124,18 +119,20 @@ def pretrain(cfg: Config) -> Path:
     model.train()
     while step < total_steps:
         ids, am, ans = batch()
-        t = stratified_times(ans.shape[0], gen).to(device)
-        masked = torch.rand(ans.shape, generator=gen).to(device) < t[:, None]
+        draw = sample_masks(
+            torch.ones_like(ans, dtype=torch.bool), 1, scheme=pc.timesteps, generator=gen
+        )
+        masked, weights = draw.masks[:, 0].to(device), draw.weights[:, 0].to(device)
         noisy = torch.where(masked, torch.full_like(ans, mask_id), ans)
         inp = torch.cat([ids, noisy], dim=1)
         full_mask = torch.cat([am, torch.ones_like(ans)], dim=1)
         logits = model(input_ids=inp, attention_mask=full_mask).logits[:, ids.shape[1] :]
-        loss = masked_diffusion_loss(logits, ans, masked.float(), t)
+        loss = masked_diffusion_loss(logits, ans, masked.float(), weights)
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, total_steps, pc.lr, pc.warmup_steps)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), pc.max_grad_norm)
         opt.step()
         losses.append(loss.item())
         step += 1
@@ -158,15 +155,13 @@ def pretrain(cfg: Config) -> Path:
             )
             last_log = now
         if now - last_eval >= pc.eval_every_s and step < total_steps:
-            quick = evaluate(loaded, test[:64], cfg.eval, max_prompt_length=pc.prompt_length)
+            quick = evaluate(loaded, test[:64], cfg.eval)
             _log(f"step {step}: greedy accuracy on 64 test problems {quick.accuracy:.1%}")
             model.train()
             last_eval = time.perf_counter()
     train_s = time.perf_counter() - t_start
 
-    result = evaluate(
-        loaded, test, cfg.eval, group_key="num_operands", max_prompt_length=pc.prompt_length
-    )
+    result = evaluate(loaded, test, cfg.eval, group_key="num_operands")
     summary = {
         "parameters": n_params,
         "steps": step,

@@ -9,20 +9,7 @@ import torch
 
 from actors.decoding import DecodeStats, generate
 from actors.engines import DecodeOptions, EngineOutput, register_engine
-
-
-def left_pad(
-    prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu"
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded ids and attention mask ``[N, longest]`` for token-id prompts."""
-    width = max((len(p) for p in prompts), default=0)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        if len(p):
-            ids[i, width - len(p) :] = torch.as_tensor(list(p), dtype=torch.long)
-            mask[i, width - len(p) :] = 1
-    return ids.to(device), mask.to(device)
+from embr_rl.models.tokenizer import left_pad
 
 
 class TorchEngine:
@@ -72,7 +59,8 @@ class TorchEngine:
         outs: list[torch.Tensor] = []
         try:
             for i in range(0, len(prompts), self.max_batch_size):
-                ids, mask = left_pad(prompts[i : i + self.max_batch_size], self.pad_id, device)
+                ids, mask = left_pad(prompts[i : i + self.max_batch_size], self.pad_id)
+                ids, mask = ids.to(device), mask.to(device)
                 out = generate(
                     self.model,
                     ids,

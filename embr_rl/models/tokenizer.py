@@ -36,6 +36,20 @@ def train_char_tokenizer(
     )
 
 
+def left_pad(
+    prompts: Sequence[Sequence[int]], pad_id: int, width: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ids and attention mask ``[N, width]`` (default width: the longest prompt)."""
+    width = max((len(p) for p in prompts), default=0) if width is None else width
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        if len(p):
+            ids[i, width - len(p) :] = torch.as_tensor(list(p), dtype=torch.long)
+            mask[i, width - len(p) :] = 1
+    return ids, mask
+
+
 def encode_prompts(
     tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,19 +59,14 @@ def encode_prompts(
     never silently truncated.
     """
     encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    longest = max((len(e) for e in encoded), default=0)
-    width = max_length if max_length is not None else longest
-    for i, e in enumerate(encoded):
-        if len(e) > width:
-            raise ValueError(f"prompt {i} has {len(e)} tokens, more than max_length={width}")
+    if max_length is not None:
+        for i, e in enumerate(encoded):
+            if len(e) > max_length:
+                raise ValueError(
+                    f"prompt {i} has {len(e)} tokens, more than max_length={max_length}"
+                )
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids = torch.full((len(texts), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(texts), width), dtype=torch.long)
-    for i, e in enumerate(encoded):
-        if e:
-            ids[i, width - len(e) :] = torch.tensor(e, dtype=torch.long)
-            mask[i, width - len(e) :] = 1
-    return ids, mask
+    return left_pad(encoded, pad, max_length)
 
 
 def encode_completions(

@@ -38,8 +38,19 @@ def make_problem(operands: list[int], ops: list[str]) -> tuple[str, str, str]:
 def _stream(cfg: ArithConfig, rng: random.Random) -> Iterator[tuple[str, str, str, int]]:
     while True:
         n = rng.randint(cfg.min_operands, cfg.max_operands)
-        operands = [rng.randint(0, cfg.max_operand) for _ in range(n)]
         ops = [rng.choice(cfg.ops) for _ in range(n - 1)]
+        operands = [rng.randint(0, cfg.max_operand)]
+        value = operands[0]
+        for op in ops:
+            # Without negatives, a subtrahend never exceeds the running value.
+            top = (
+                min(value, cfg.max_operand)
+                if op == "-" and not cfg.allow_negative
+                else cfg.max_operand
+            )
+            b = rng.randint(0, top)
+            operands.append(b)
+            value = _APPLY[op](value, b)
         yield (*make_problem(operands, ops), n)
 
 

@@ -11,7 +11,8 @@ import torch
 
 from actors.decoding import generate
 from actors.engines import DecodeOptions, RolloutEngine, build_engine, engine_names
-from actors.engines.torch_engine import TorchEngine, left_pad
+from actors.engines.torch_engine import TorchEngine
+from embr_rl.models.tokenizer import left_pad
 from tests.conftest import TINY_MASK_ID
 
 PROMPTS: list[list[int]] = [[5, 6, 7], [9], [3, 4, 5, 6, 7], [12, 13]]

@@ -131,3 +131,24 @@ def test_llada_chat_template_is_applied() -> None:
         "<|startoftext|><|start_header_id|>user<|end_header_id|>\n\n"
         f"{p.question}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
     )
+
+
+def _intermediates(solution: str) -> list[int]:
+    return [int(step.split("=")[1]) for step in solution.split(";")[:-1]]
+
+
+def test_chains_stay_non_negative_unless_allowed() -> None:
+    base = ArithConfig(num_train=3000, num_test=100)
+    values = [
+        v
+        for p in load_task(TaskConfig(name="arith", arith=base), "train")
+        for v in _intermediates(p.solution)
+    ]
+    assert min(values) >= 0
+    signed = dataclasses.replace(base, allow_negative=True)
+    values = [
+        v
+        for p in load_task(TaskConfig(name="arith", arith=signed), "train")
+        for v in _intermediates(p.solution)
+    ]
+    assert min(values) < 0
