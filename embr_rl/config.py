@@ -283,18 +283,18 @@ class PretrainConfig:
 
     # Where the trained base model is cached; relative paths are under logging.run_dir.
     output_dir: str = "base_model"
-    config: str | None = None  # a pretrain YAML; its model/task/pretrain sections are used
-    max_steps: int = field_(20000, ge=1)
-    time_budget_s: float = field_(480.0, gt=0)
+    # The run is max_steps long unless the steps measured after a short calibration would
+    # overrun time_budget_s; then it is cut to fit (and the log says so).
+    max_steps: int = field_(2400, ge=1)
+    time_budget_s: float = field_(720.0, gt=0)
     batch_size: int = field_(128, ge=1)
-    lr: float = field_(2e-3, gt=0)
+    lr: float = field_(1e-3, gt=0)
     weight_decay: float = field_(0.01, ge=0)
     warmup_steps: int = field_(100, ge=0)
     # "count" (l ~ U{1..L}, weight L/l) keeps gradients bounded; "uniform" (1/t) does not.
     timesteps: str = field_("count", choices=["uniform", "count"])
     max_grad_norm: float = field_(1.0, gt=0)
     eval_every_s: float = field_(120.0, gt=0)
-    vocab_size: int = field_(64, ge=8)
     prompt_length: int = field_(16, ge=1)
     answer_length: int = field_(32, ge=1)
     num_threads: int | None = field_(None, ge=1)

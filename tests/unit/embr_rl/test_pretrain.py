@@ -1,0 +1,40 @@
+"""Pre-training pieces: the masked-diffusion loss and the learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from embr_rl.pretrain import _lr_at, masked_diffusion_loss
+
+
+def test_masked_diffusion_loss_hand_value() -> None:
+    # vocabulary 2, logits 0 everywhere: every token has log-probability log(1/2)
+    logits = torch.zeros(2, 4, 2)
+    targets = torch.zeros(2, 4, dtype=torch.long)
+    masked = torch.tensor([[1.0, 1.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
+    weights = torch.tensor([2.0, 4.0])  # count weights L/l for l = 2 and l = 1
+    expected = (2 * math.log(2) * 2.0 / 4 + 1 * math.log(2) * 4.0 / 4) / 2
+    assert abs(masked_diffusion_loss(logits, targets, masked, weights).item() - expected) < 1e-6
+
+
+def test_unmasked_positions_do_not_count() -> None:
+    logits = torch.randn(1, 3, 5)
+    targets = torch.tensor([[1, 2, 3]])
+    masked = torch.tensor([[0.0, 1.0, 0.0]])
+    other = logits.clone()
+    other[0, 0] = 100.0  # change an unmasked position only
+    w = torch.ones(1)
+    assert torch.equal(
+        masked_diffusion_loss(logits, targets, masked, w),
+        masked_diffusion_loss(other, targets, masked, w),
+    )
+
+
+def test_lr_warmup_then_cosine_to_zero() -> None:
+    assert _lr_at(0, 100, 1.0, 10) == 0.1
+    assert _lr_at(9, 100, 1.0, 10) == 1.0
+    assert abs(_lr_at(10, 100, 1.0, 10) - 1.0) < 1e-12
+    assert _lr_at(100, 100, 1.0, 10) < 1e-12
+    assert all(_lr_at(s, 100, 1.0, 10) >= _lr_at(s + 1, 100, 1.0, 10) for s in range(10, 100))
