@@ -47,6 +47,7 @@ def test_embr_e_trains_policy_and_head(one_rank: None) -> None:
 
 
 def test_lora_trains_adapter_only_and_reference_is_base(one_rank: None) -> None:
+    pytest.importorskip("peft")
     lora = LoraConfig(enabled=True, r=4, alpha=8, dropout=0.0)
     spec = tiny_policy()
     base = {n: p.detach().clone() for n, p in spec.model.named_parameters()}
@@ -97,6 +98,7 @@ def test_hf_export_loads_with_from_pretrained(one_rank: None, tmp_path) -> None:
 
 
 def test_lora_broadcast_sends_adapter_only(one_rank: None) -> None:
+    pytest.importorskip("peft")
     import threading
 
     from learner.learner import _wrap_lora
