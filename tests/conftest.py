@@ -39,13 +39,13 @@ TINY_VOCAB = 32
 TINY_MASK_ID = 31
 
 
-@pytest.fixture
-def tiny_model() -> torch.nn.Module:
-    """A 2-layer, 64-dim built-in masked-diffusion model with random weights (vocab 32, mask id 31)."""
+def build_tiny_model(seed: int = 0, **overrides: object) -> torch.nn.Module:
+    """The tiny built-in model (2 layers, 64 dims, vocab 32, mask 31) with random weights;
+    ``overrides`` change any ``EmbrDiffusionConfig`` field."""
     from embr_rl.models import EmbrDiffusionConfig, EmbrDiffusionModel
 
-    torch.manual_seed(0)
-    cfg = EmbrDiffusionConfig(
+    torch.manual_seed(seed)
+    kwargs: dict[str, object] = dict(
         vocab_size=TINY_VOCAB,
         hidden_size=64,
         num_hidden_layers=2,
@@ -56,7 +56,14 @@ def tiny_model() -> torch.nn.Module:
         pad_token_id=0,
         eos_token_id=1,
     )
-    return EmbrDiffusionModel(cfg).eval()
+    kwargs.update(overrides)
+    return EmbrDiffusionModel(EmbrDiffusionConfig(**kwargs)).eval()
+
+
+@pytest.fixture
+def tiny_model() -> torch.nn.Module:
+    """A 2-layer, 64-dim built-in masked-diffusion model with random weights (vocab 32, mask id 31)."""
+    return build_tiny_model()
 
 
 @pytest.fixture(scope="session")

@@ -5,27 +5,15 @@ from __future__ import annotations
 import torch
 
 from buffer.schema import rows_from_dicts
-from embr_rl.models import EmbrDiffusionConfig, EmbrDiffusionModel
 from learner.learner import PolicySpec
+from tests.conftest import build_tiny_model
 
 VOCAB, MASK_ID, PAD_ID, EOS_ID = 32, 31, 0, 1
 
 
 def tiny_policy(seed: int = 0) -> PolicySpec:
     """The conftest ``tiny_model`` architecture (2 layers, 64 dims, vocab 32, mask 31)."""
-    torch.manual_seed(seed)
-    cfg = EmbrDiffusionConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=128,
-        max_position_embeddings=128,
-        mask_token_id=MASK_ID,
-        pad_token_id=PAD_ID,
-        eos_token_id=EOS_ID,
-    )
-    return PolicySpec(EmbrDiffusionModel(cfg), MASK_ID, PAD_ID, EOS_ID)
+    return PolicySpec(build_tiny_model(seed).train(), MASK_ID, PAD_ID, EOS_ID)
 
 
 def rows(step: int, n: int = 8, group: int = 4):

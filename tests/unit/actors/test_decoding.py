@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from actors.decoding import DecodeStats, generate, num_transfer_tokens
-from tests.conftest import TINY_MASK_ID, TINY_VOCAB
+from tests.conftest import TINY_MASK_ID, TINY_VOCAB, build_tiny_model
 
 
 def test_transfer_schedule_even_split_remainder_first() -> None:
@@ -135,19 +135,16 @@ def test_invalid_arguments_raise_clear_errors(tiny_model, kwargs: dict, match: s
 
 def _sharp_model(seed: int = 0, vocab: int = TINY_VOCAB) -> torch.nn.Module:
     """A random built-in model with a large init, so its softmax is peaked (no near-ties)."""
-    from embr_rl.models import EmbrDiffusionConfig, EmbrDiffusionModel
-
-    torch.manual_seed(seed)
-    cfg = EmbrDiffusionConfig(
+    return build_tiny_model(
+        seed,
         vocab_size=vocab,
         hidden_size=32,
-        num_hidden_layers=2,
         num_attention_heads=2,
         intermediate_size=64,
         initializer_range=0.3,
-        mask_token_id=TINY_MASK_ID,
+        pad_token_id=None,
+        eos_token_id=None,
     )
-    return EmbrDiffusionModel(cfg).eval()
 
 
 @pytest.fixture(scope="module")

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from embr_rl.config import EvalConfig, TaskConfig
+from embr_rl.config import BuiltinModelConfig, EvalConfig, TaskConfig
 from embr_rl.eval import evaluate
-from embr_rl.models import EmbrDiffusionConfig, EmbrDiffusionModel
-from embr_rl.models.loader import LoadedModel
+from embr_rl.models.loader import LoadedModel, build_builtin_model
 from embr_rl.models.tokenizer import train_char_tokenizer
 from embr_rl.tasks import load_task
 
@@ -16,16 +15,10 @@ def test_eval_config_fast_modes_change_the_decoding_cost() -> None:
     problems = load_task(TaskConfig(name="arith", limit=4), "test")
     tok = train_char_tokenizer(["0123456789+-=;\\boxed{}"] + [p.question for p in problems])
     torch.manual_seed(0)
-    cfg = EmbrDiffusionConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-        mask_token_id=tok.mask_token_id,
-    )
     loaded = LoadedModel(
-        EmbrDiffusionModel(cfg).eval(),
+        build_builtin_model(
+            BuiltinModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64), tok
+        ).eval(),
         tok,
         tok.mask_token_id,
         tok.eos_token_id,

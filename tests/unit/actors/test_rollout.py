@@ -12,7 +12,8 @@ from actors.engines import DecodeOptions, EngineOutput
 from actors.engines.torch_engine import TorchEngine
 from actors.rollout import RolloutWorker
 from buffer.schema import SAMPLE_SCHEMA, validate
-from embr_rl.config import TaskConfig
+from embr_rl.config import BuiltinModelConfig, TaskConfig
+from embr_rl.models.loader import build_builtin_model
 from embr_rl.tasks import Problem, load_task
 
 OPTIONS = DecodeOptions(gen_length=8, block_length=4, steps=4, temperature=0.9)
@@ -32,18 +33,11 @@ def tokenizer(problems: list[Problem]):
 
 @pytest.fixture
 def model(tokenizer) -> torch.nn.Module:
-    from embr_rl.models import EmbrDiffusionConfig, EmbrDiffusionModel
-
     torch.manual_seed(0)
-    cfg = EmbrDiffusionConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-        mask_token_id=tokenizer.mask_token_id,
-    )
-    return EmbrDiffusionModel(cfg).eval()
+    return build_builtin_model(
+        BuiltinModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64),
+        tokenizer,
+    ).eval()
 
 
 def _worker(model, tokenizer, **kw) -> RolloutWorker:
