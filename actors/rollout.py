@@ -24,7 +24,8 @@ from actors.verifiers import Score, Verifier, build_verifier
 from actors.verifiers.pool import ScoringPool
 from buffer.schema import empty_table, rows_from_dicts
 from embr_rl.models.tokenizer import decode_completions
-from embr_rl.tasks import Problem, format_prompt
+from embr_rl.tasks import Problem
+from embr_rl.tasks.prompts import encode_problems
 
 
 class RolloutWorker:
@@ -144,19 +145,6 @@ class RolloutWorker:
             self._pools[name] = ScoringPool(self._verifiers[name], self._num_scorers)
         return self._pools[name]
 
-    def _encode(self, problems: Sequence[Problem]) -> list[list[int]]:
-        out = []
-        for i, p in enumerate(problems):
-            text = format_prompt(p, self.prompt_format, self.tokenizer, self.chat_template)
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-            if self.max_prompt_length is not None and len(ids) > self.max_prompt_length:
-                raise ValueError(
-                    f"problem {i} ({p.id}) has {len(ids)} prompt tokens, more than "
-                    f"max_prompt_length={self.max_prompt_length}"
-                )
-            out.append(list(ids))
-        return out
-
     def generate(self, problems: Sequence[Problem]) -> pa.Table:
         """``group_size`` scored completions per problem, as rows of the buffer schema."""
         if not problems:
@@ -167,7 +155,13 @@ class RolloutWorker:
             batch = self._batches
             self._batches += 1
             t0 = time.perf_counter()
-            prompts = self._encode(problems)
+            _, prompts = encode_problems(
+                problems,
+                self.tokenizer,
+                self.prompt_format,
+                self.chat_template,
+                self.max_prompt_length,
+            )
             repeated = [ids for ids in prompts for _ in range(self.group_size)]
             out = self.engine.generate(repeated, self.options, seed=self.seed * 1_000_003 + batch)
             created = time.time()

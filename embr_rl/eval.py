@@ -19,7 +19,8 @@ from actors.verifiers import Verifier, build_verifier
 from embr_rl.config import EvalConfig, VerifierConfig
 from embr_rl.models.loader import LoadedModel
 from embr_rl.models.tokenizer import decode_completions
-from embr_rl.tasks import Problem, format_prompt
+from embr_rl.tasks import Problem
+from embr_rl.tasks.prompts import encode_problems
 
 Scorer = Callable[[str, Problem], float]
 
@@ -70,8 +71,7 @@ def evaluate(
         pad_id=loaded.pad_token_id,
         max_batch_size=cfg.batch_size,
     )
-    texts = [format_prompt(p, prompt_format, tok, chat_template) for p in problems]
-    prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    texts, prompts = encode_problems(problems, tok, prompt_format, chat_template)
     out = engine.generate(prompts, DecodeOptions.from_config(cfg), seed=seed)
     completions = decode_completions(tok, out.completion_ids, loaded.eos_token_id)
     samples: list[dict[str, Any]] = [

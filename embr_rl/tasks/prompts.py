@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from transformers import PreTrainedTokenizerBase
 
 from embr_rl.tasks.base import Problem
@@ -55,3 +57,29 @@ def format_prompt(
         add_generation_prompt=True,
         tokenize=False,
     )
+
+
+def encode_problems(
+    problems: Sequence[Problem],
+    tokenizer: PreTrainedTokenizerBase,
+    style: str,
+    chat_template: bool = False,
+    max_length: int | None = None,
+) -> tuple[list[str], list[list[int]]]:
+    """Prompt texts and their token ids (no special tokens added) for ``problems``.
+
+    A prompt longer than ``max_length`` raises ``ValueError`` naming the problem; prompts
+    are never silently truncated.
+    """
+    texts, ids = [], []
+    for i, p in enumerate(problems):
+        text = format_prompt(p, style, tokenizer, chat_template)
+        tokens = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if max_length is not None and len(tokens) > max_length:
+            raise ValueError(
+                f"problem {i} ({p.id}) has {len(tokens)} prompt tokens, more than "
+                f"max_prompt_length={max_length}"
+            )
+        texts.append(text)
+        ids.append(tokens)
+    return texts, ids

@@ -152,3 +152,16 @@ def test_chains_stay_non_negative_unless_allowed() -> None:
         for v in _intermediates(p.solution)
     ]
     assert min(values) < 0
+
+
+def test_encode_problems_gives_texts_and_ids_and_names_an_overlong_prompt() -> None:
+    from embr_rl.models.tokenizer import train_char_tokenizer
+    from embr_rl.tasks.prompts import encode_problems
+
+    tok = train_char_tokenizer(["0123456789+-=;\\boxed{}"])
+    problems = load_task(TaskConfig(name="arith", arith=ArithConfig(num_test=3)), "test")
+    texts, ids = encode_problems(problems, tok, "plain")
+    assert texts == [p.question for p in problems]
+    assert [len(i) for i in ids] == [len(p.question) for p in problems]
+    with pytest.raises(ValueError, match=rf"problem 0 \({problems[0].id}\) has \d+ prompt tokens"):
+        encode_problems(problems, tok, "plain", max_length=2)
