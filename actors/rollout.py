@@ -10,6 +10,7 @@ while a batch is being generated.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import uuid
@@ -26,6 +27,7 @@ from buffer.schema import empty_table, rows_from_dicts
 from embr_rl.models.tokenizer import decode_completions
 from embr_rl.tasks import Problem
 from embr_rl.tasks.prompts import encode_problems
+from learner.sync import SyncSpec, WeightSyncClient
 
 
 class RolloutWorker:
@@ -78,27 +80,27 @@ class RolloutWorker:
         self._state_lock = threading.Lock()
         self._generating = threading.Lock()
         self._metrics: dict[str, float] = {}
+        self._sync: WeightSyncClient | None = None
 
-    @classmethod
-    def from_config(
-        cls, cfg: Any, loaded: Any = None, *, worker_id: str = "rollout-0"
-    ) -> RolloutWorker:
-        """A worker for the whole ``Config`` (``rollout``, ``task``, ``verifier``, ``model``).
-
-        ``loaded`` is a ``LoadedModel``; without it the model is loaded from ``cfg.model``.
-        """
+    @staticmethod
+    def config_args(
+        cfg: Any, loaded: Any = None, *, worker_id: str = "rollout-0", seed: int | None = None
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """Constructor ``(args, kwargs)`` for the whole ``Config`` (``rollout``, ``task``,
+        ``verifier``, ``model``); ``loaded`` is a ``LoadedModel`` (None: load ``cfg.model``)."""
         r = cfg.rollout
         if loaded is None:
             from embr_rl.models.loader import load_model
 
             loaded = load_model(cfg.model)
+            if cfg.model.lora.enabled:  # the learner broadcasts adapter weights only
+                from embr_rl.models.lora import wrap_lora
+
+                loaded.model = wrap_lora(loaded.model, cfg.model.lora).eval()
         engine = build_engine(
             r.engine, loaded=loaded, max_batch_size=r.prompts_per_batch * r.group_size
         )
-        return cls(
-            engine,
-            loaded.tokenizer,
-            DecodeOptions.from_config(r),
+        kwargs = dict(
             group_size=r.group_size,
             verifier_cfg=cfg.verifier,
             num_scorers=cfg.verifier.num_processes,
@@ -106,8 +108,17 @@ class RolloutWorker:
             prompt_format=cfg.task.prompt_format,
             chat_template=cfg.task.chat_template,
             worker_id=worker_id,
-            seed=cfg.seed,
+            seed=cfg.seed if seed is None else seed,
         )
+        return (engine, loaded.tokenizer, DecodeOptions.from_config(r)), kwargs
+
+    @classmethod
+    def from_config(
+        cls, cfg: Any, loaded: Any = None, *, worker_id: str = "rollout-0", seed: int | None = None
+    ) -> RolloutWorker:
+        """A worker for the whole ``Config`` (see :meth:`config_args`)."""
+        args, kwargs = cls.config_args(cfg, loaded, worker_id=worker_id, seed=seed)
+        return cls(*args, **kwargs)
 
     @property
     def policy_version(self) -> int:
@@ -137,6 +148,52 @@ class RolloutWorker:
         if pending is not None:
             self.engine.update_weights(pending[0])
             self._version = pending[1]
+        if self._sync is not None:
+            version = self._sync.apply_pending()
+            if version is not None:
+                self._version = version
+
+    # ------------------------------------------------------------------ weight sync
+
+    def connect_weight_sync(self, spec: SyncSpec) -> None:
+        """Join the learner's weight broadcast (see :class:`learner.sync.WeightSyncClient`)."""
+        model = getattr(self.engine, "model", None)
+        if model is None:
+            raise TypeError(
+                f"engine {type(self.engine).__name__} exposes no torch model; it cannot take "
+                "weights from the learner's broadcast"
+            )
+        if self._sync is None:
+            self._sync = WeightSyncClient(model)
+        self._sync.connect(spec)
+
+    def receive_weights(self, handle: Any, version: int) -> int:
+        """Stage broadcast ``version``; applied now if idle, else after the running batch."""
+        if self._sync is None:
+            raise RuntimeError("receive_weights before connect_weight_sync")
+        nbytes = self._sync.receive(handle, version)
+        if self._generating.acquire(blocking=False):
+            try:
+                self._apply_pending()
+            finally:
+                self._generating.release()
+        return nbytes
+
+    def ping(self) -> dict[str, Any]:
+        """Liveness and identity: pid, worker id, weight version, batches generated."""
+        return {
+            "pid": os.getpid(),
+            "worker_id": self.worker_id,
+            "policy_version": self._version,
+            "batches": self._batches,
+        }
+
+    def generate_with_metrics(
+        self, problems: Sequence[Problem]
+    ) -> tuple[pa.Table, dict[str, float]]:
+        """:meth:`generate` and the batch's metrics (two Ray return values for the driver)."""
+        rows = self.generate(problems)
+        return rows, self.metrics()
 
     def _verifier(self, name: str) -> ScoringPool:
         if name not in self._pools:
@@ -195,13 +252,22 @@ class RolloutWorker:
                     "created_at": created,
                 }
             )
-        self._record(out.stats, scores, t_decode, t_score, version)
+        self._record(out.stats, scores, t_decode, t_score, version, [p.task for p in problems])
         return rows_from_dicts(rows)
 
     def _record(
-        self, stats: Any, scores: list[Score], t_decode: float, t_score: float, version: int
+        self,
+        stats: Any,
+        scores: list[Score],
+        t_decode: float,
+        t_score: float,
+        version: int,
+        tasks: list[str],
     ) -> None:
         rewards = [s.reward for s in scores]
+        by_task: dict[str, list[float]] = {}
+        for i, r in enumerate(rewards):
+            by_task.setdefault(tasks[i // self.group_size], []).append(r)
         g = self.group_size
         groups = [rewards[i : i + g] for i in range(0, len(rewards), g)]
         self._metrics = {
@@ -215,7 +281,10 @@ class RolloutWorker:
             "rollout/forward_passes": float(stats.forward_passes),
             "rollout/tokens_per_s": stats.tokens_per_s,
             "rollout/policy_version": float(version),
+            "rollout/verifier_errors": float(sum(s.outcome == "error" for s in scores)),
         }
+        for task, rs in by_task.items():
+            self._metrics[f"rollout/reward_mean/{task}"] = sum(rs) / len(rs)
 
     def metrics(self) -> dict[str, float]:
         """Metrics of the last batch, namespaced ``rollout/...``."""
@@ -226,3 +295,20 @@ class RolloutWorker:
         for pool in self._pools.values():
             pool.close()
         self._pools.clear()
+
+
+class ConfiguredRolloutWorker(RolloutWorker):
+    """A :class:`RolloutWorker` built inside its own process from the run's ``Config``
+    (what ``embr_rl/run.py`` turns into a Ray actor): sets the torch thread count, loads the
+    model from ``cfg.model.path`` and seeds sampling with ``seed``."""
+
+    def __init__(
+        self, cfg: Any, *, worker_id: str, seed: int, num_threads: int | None = None
+    ) -> None:
+        from embr_rl.cli import quiet_libraries
+
+        quiet_libraries()
+        if num_threads is not None:
+            torch.set_num_threads(num_threads)
+        args, kwargs = RolloutWorker.config_args(cfg, worker_id=worker_id, seed=seed)
+        super().__init__(*args, **kwargs)

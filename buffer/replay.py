@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from buffer.schema import SAMPLE_SCHEMA, empty_table, validate
-from buffer.storage import SnapshotStore, make_storage
+from buffer.storage import SnapshotStore, make_storage, write_atomic
 
 if TYPE_CHECKING:
     from embr_rl.config import BufferConfig
@@ -130,6 +130,32 @@ class ExperienceBuffer:
         if resume and self._store is not None:
             self.restore()
 
+    @staticmethod
+    def config_kwargs(
+        cfg: BufferConfig,
+        *,
+        seed: int = 0,
+        snapshot_dir: str | os.PathLike[str] | None = None,
+        resume: bool = False,
+        max_staleness: int | str | None = "config",
+    ) -> dict[str, Any]:
+        """Constructor keyword arguments from ``cfg.buffer``; ``snapshot_dir`` and
+        ``max_staleness`` (unless ``"config"``) override the config's values."""
+        return dict(
+            capacity=cfg.capacity,
+            eviction=cfg.eviction,
+            sampling=cfg.sampling,
+            recency_half_life=cfg.recency_half_life,
+            max_staleness=cfg.max_staleness if max_staleness == "config" else max_staleness,
+            max_lag=cfg.max_lag,
+            snapshot_dir=snapshot_dir if snapshot_dir is not None else cfg.snapshot_dir,
+            snapshot_every_s=cfg.snapshot_every_s,
+            snapshot_keep=cfg.snapshot_keep,
+            storage=cfg.storage,
+            seed=seed,
+            resume=resume,
+        )
+
     @classmethod
     def from_config(
         cls,
@@ -140,20 +166,7 @@ class ExperienceBuffer:
         resume: bool = False,
     ) -> ExperienceBuffer:
         """Build from ``cfg.buffer``; ``snapshot_dir`` overrides ``cfg.snapshot_dir``."""
-        return cls(
-            cfg.capacity,
-            eviction=cfg.eviction,
-            sampling=cfg.sampling,
-            recency_half_life=cfg.recency_half_life,
-            max_staleness=cfg.max_staleness,
-            max_lag=cfg.max_lag,
-            snapshot_dir=snapshot_dir if snapshot_dir is not None else cfg.snapshot_dir,
-            snapshot_every_s=cfg.snapshot_every_s,
-            snapshot_keep=cfg.snapshot_keep,
-            storage=cfg.storage,
-            seed=seed,
-            resume=resume,
-        )
+        return cls(**cls.config_kwargs(cfg, seed=seed, snapshot_dir=snapshot_dir, resume=resume))
 
     # ------------------------------------------------------------------ adding
 
@@ -493,6 +506,12 @@ class ExperienceBuffer:
         path = self._store.save(self._table, self._state())
         self._last_snapshot = self._clock()
         return str(path)
+
+    def save_to(self, path: str | os.PathLike[str]) -> str:
+        """Write the contents and counters atomically to ``path`` (a run checkpoint's copy);
+        :meth:`restore` with that path reads it back."""
+        storage = self._store.storage if self._store is not None else make_storage("parquet")
+        return str(write_atomic(storage, self._table, path, self._state()))
 
     def restore(self, path: str | os.PathLike[str] | None = None) -> int:
         """Load the newest snapshot (or ``path``); return the rows restored (0 if none)."""

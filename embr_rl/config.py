@@ -136,6 +136,8 @@ class RolloutConfig:
     suppress_eos: bool = False
     # Fast mode: a row whose finished block is all EOS gets EOS to the end and stops decoding.
     stop_at_eos: bool = False
+    # Ray restarts a dead worker this many times (it then gets the current weights again).
+    max_restarts: int = field_(3, ge=0)
 
 
 @dataclass
@@ -182,6 +184,8 @@ class BufferConfig:
     offline_cache_dir: str | None = None
     offline_task: str = "offline"
     strict: bool = False
+    # The learner's first step waits for this many eligible rows (None: learner.batch_size).
+    min_size: int | None = field_(None, ge=1)
 
 
 @dataclass
@@ -243,6 +247,10 @@ class ClusterConfig:
     num_cpus: int | None = field_(None, ge=1)
     num_gpus: int | None = field_(None, ge=0)
     namespace: str = "embr_rl"
+    # A cluster started by the run itself (no address): serve the dashboard on this host/port.
+    dashboard: bool = True
+    dashboard_host: str = "127.0.0.1"
+    dashboard_port: int = field_(8265, ge=1, le=65535)
 
 
 @dataclass
@@ -259,6 +267,11 @@ class EvalConfig:
     cache: str | None = field_(None, choices=[None, "prefix", "dual"])
     stop_at_eos: bool = False
     num_show: int = field_(3, ge=0)
+    # Evaluate the starting policy before the first learner step (the "before" number).
+    at_start: bool = True
+    # The evaluator actor's resources.
+    num_cpus: float = field_(0.0, ge=0)
+    num_gpus: float = field_(0.0, ge=0)
 
 
 @dataclass
@@ -268,6 +281,10 @@ class LoggingConfig:
     tensorboard: bool = True
     jsonl: bool = True
     progress: str = field_("auto", choices=["auto", "always", "never"])
+    # ray.util.metrics gauges/counters (the dashboard's Prometheus endpoint, names ray_embr_*).
+    ray_metrics: bool = True
+    # reward.png (training reward and eval accuracy against step) at the end of a run.
+    plot: bool = True
 
 
 @dataclass
@@ -452,6 +469,22 @@ def _check_relations(cfg: Config) -> None:
         raise ConfigError(
             f"bad value for 'algo.name': {cfg.algo.name!r} with algo.mode='offline'; allowed: "
             "'embr_e', 'embr_c', 'embr_u', 'dpo', 'vrpo' (d1 and wd1 need fresh rollouts)"
+        )
+    if cfg.algo.mode == "offline" and not cfg.buffer.offline_path:
+        raise ConfigError(
+            "bad value for 'buffer.offline_path': None with algo.mode='offline'; allowed: a "
+            ".jsonl/.json/.parquet file of scored samples or pairs (see docs/buffer.md)"
+        )
+    if cfg.algo.mode != "offline" and cfg.rollout.num_workers < 1:
+        raise ConfigError(
+            f"bad value for 'rollout.num_workers': 0 with algo.mode={cfg.algo.mode!r}; "
+            "allowed: >= 1 (only algo.mode='offline' runs without rollout workers)"
+        )
+    if cfg.algo.name == "d1" and cfg.algo.inner_iterations > 1:
+        raise ConfigError(
+            f"bad value for 'algo.inner_iterations': {cfg.algo.inner_iterations} with "
+            "algo.name='d1'; allowed: 1 (the rollout engine records no behaviour log-probs, "
+            "so d1's ratio against the sampling policy is only exact for one update)"
         )
     if cfg.checkpoint.resume not in ("auto", "never") and not cfg.checkpoint.resume:
         raise ConfigError(

@@ -1,33 +1,42 @@
 """The main job: ``python -m embr_rl.run CONFIG.yaml [key=value ...]``.
 
-Loads and validates the config (a bad key, type or value exits with status 2 and a
-message naming it), writes the resolved config to the run directory, and runs the stages
-that exist so far:
+Under ``ray job submit`` it joins that cluster (``RAY_ADDRESS``); with ``cluster.address``
+it joins the named one; otherwise it starts a local cluster (dashboard on
+``cluster.dashboard_host:dashboard_port``). Then:
 
 1. base model: for ``model.path=builtin`` the built-in model is pre-trained once on the
-   synthetic task and cached under ``<run_dir>/<pretrain.output_dir>``; otherwise the model
-   at ``model.path`` is loaded;
-2. evaluation of the base model on the task's held-out problems (accuracy and samples).
+   synthetic task and cached under ``<run_dir>/<pretrain.output_dir>``;
+2. actors (this is the only module that makes Ray actors): the experience buffer,
+   ``rollout.num_workers`` rollout workers (CPUs/GPUs per worker from ``rollout.*``,
+   restarted up to ``rollout.max_restarts`` times), the learner group (``learner.num_ranks``
+   ranks in a placement group) and the evaluator;
+3. training (:mod:`embr_rl.driver`) in ``algo.mode`` online, sync or offline, evaluating
+   every ``eval.every`` steps and checkpointing every ``checkpoint.every`` steps; resumes
+   from the newest checkpoint with ``checkpoint.resume=auto``; SIGTERM (``ray job stop``)
+   saves a checkpoint before exit;
+4. outputs in ``logging.run_dir``: ``config.yaml``, ``metrics.jsonl``, ``tensorboard/``,
+   ``eval/``, ``checkpoints/``, ``summary.json`` and ``reward.png``.
 
-The distributed RL loop (rollout workers, buffer, learner group) grows here in later work;
-this module is the only place that will make Ray actors.
+A bad key, type or value exits with status 2 and a message naming it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from embr_rl.cli import quiet_libraries
 from embr_rl.config import Config, ConfigError, load_config, save_config
-from embr_rl.eval import correctness_scorer, evaluate
-from embr_rl.models.loader import ModelLoadError, load_model
-from embr_rl.pretrain import base_model_dir, is_trained, pretrain, report
-from embr_rl.tasks import load_task
+from embr_rl.models.loader import ModelLoadError
+from embr_rl.pretrain import base_model_dir, is_trained, pretrain
 
 USAGE = "usage: python -m embr_rl.run CONFIG.yaml [key=value ...]"
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _log(msg: str) -> None:
@@ -43,55 +52,285 @@ def base_model_stage(cfg: Config) -> str:
         _log(f"base model: cached at {path}")
     else:
         _log(
-            f"base model: none at {path}; pre-training it (pretrain.time_budget_s={cfg.pretrain.time_budget_s:g})"
+            f"base model: none at {path}; pre-training it "
+            f"(pretrain.time_budget_s={cfg.pretrain.time_budget_s:g})"
         )
         pretrain(cfg)
-    return str(path)
+    return str(path.resolve())
 
 
-def run(cfg: Config) -> dict[str, object]:
-    """Run every stage that exists; returns the summary written to ``summary.json``."""
+# --------------------------------------------------------------------------- Ray
+
+
+def start_ray(cfg: Config) -> str:
+    """Join ``cluster.address`` / ``RAY_ADDRESS``, or start a local cluster; returns which."""
+    import ray
+
+    address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        kwargs: dict[str, Any] = {}
+        if address.startswith("ray://"):  # Ray Client: ship this checkout to the cluster
+            kwargs["runtime_env"] = {
+                "working_dir": str(REPO),
+                "excludes": [".venv", "runs", ".git", "*.parquet"],
+            }
+        ray.init(address=address, namespace=cfg.cluster.namespace, log_to_driver=True, **kwargs)
+        _log(f"joined the Ray cluster at {address} (namespace {cfg.cluster.namespace})")
+        return "joined"
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local dashboard without a token
+    c = cfg.cluster
+    ray.init(
+        address="local",
+        num_cpus=c.num_cpus,
+        num_gpus=c.num_gpus,
+        namespace=c.namespace,
+        include_dashboard=c.dashboard,
+        dashboard_host=c.dashboard_host,
+        dashboard_port=c.dashboard_port,
+        log_to_driver=True,
+    )
+    ctx = ray.get_runtime_context()
+    url = getattr(ray.worker.global_worker.node, "webui_url", None) if c.dashboard else None
+    _log(
+        f"started a local Ray cluster ({ray.cluster_resources().get('CPU', 0):g} CPUs"
+        + (f", dashboard http://{url}" if url else "")
+        + f", job {ctx.get_job_id()})"
+    )
+    return "local"
+
+
+def check_resources(cfg: Config, local: bool) -> None:
+    """Fail early (local cluster) or warn (elsewhere) when the actors cannot fit."""
+    import ray
+
+    r, lc, e = cfg.rollout, cfg.learner, cfg.eval
+    workers = r.num_workers if cfg.algo.mode != "offline" else 0
+    need = {
+        "CPU": workers * r.num_cpus_per_worker + lc.num_ranks * lc.num_cpus_per_rank + e.num_cpus,
+        "GPU": workers * r.num_gpus_per_worker + lc.num_ranks * lc.num_gpus_per_rank + e.num_gpus,
+    }
+    have = ray.cluster_resources()
+    short = {k: (v, have.get(k, 0.0)) for k, v in need.items() if v > have.get(k, 0.0) + 1e-9}
+    if not short:
+        return
+    text = "; ".join(f"{k}: needs {v:g}, the cluster has {h:g}" for k, (v, h) in short.items())
+    msg = (
+        f"the actors do not fit: {text} (rollout.num_workers x rollout.num_cpus_per_worker/"
+        "num_gpus_per_worker + learner.num_ranks x learner.num_cpus_per_rank/num_gpus_per_rank "
+        "+ eval.num_cpus/num_gpus)"
+    )
+    if local:
+        raise ConfigError(msg)
+    _log(f"warning: {msg}; waiting for an autoscaler to add nodes")
+
+
+def _threads(num_cpus: float) -> int:
+    return max(1, int(num_cpus))
+
+
+def make_fleet(cfg: Config, run_dir: Path) -> Any:
+    """Create the buffer, rollout workers, learner group and evaluator actors."""
+    import ray
+
+    from actors.evaluator import Evaluator
+    from actors.rollout import ConfiguredRolloutWorker
+    from buffer.replay import ExperienceBuffer
+    from embr_rl.driver import Fleet
+    from learner.group import LearnerGroup
+
+    r, mode = cfg.rollout, cfg.algo.mode
+    staleness: Any = 0 if mode == "sync" else "config"
+    buffer = (
+        ray.remote(ExperienceBuffer)
+        .options(num_cpus=0, max_restarts=0)
+        .remote(
+            **ExperienceBuffer.config_kwargs(
+                cfg.buffer,
+                seed=cfg.seed,
+                snapshot_dir=cfg.buffer.snapshot_dir or str(run_dir / "buffer"),
+                max_staleness=staleness,
+            )
+        )
+    )
+    worker_cls = ray.remote(ConfiguredRolloutWorker)
+    workers = [
+        worker_cls.options(
+            num_cpus=r.num_cpus_per_worker,
+            num_gpus=r.num_gpus_per_worker,
+            max_restarts=r.max_restarts,
+            max_task_retries=0,
+            max_concurrency=2,  # weight updates arrive while a batch is being generated
+        ).remote(
+            cfg,
+            worker_id=f"rollout-{i}",
+            seed=cfg.seed * 1000 + i,
+            num_threads=_threads(r.num_cpus_per_worker),
+        )
+        for i in range(r.num_workers if mode != "offline" else 0)
+    ]
+    evaluator = (
+        ray.remote(Evaluator)
+        .options(num_cpus=cfg.eval.num_cpus, num_gpus=cfg.eval.num_gpus, max_concurrency=2)
+        .remote(cfg, cfg.model.path, num_threads=_threads(cfg.eval.num_cpus), run_dir=str(run_dir))
+    )
+    learners = LearnerGroup(cfg)
+    pids = ray.get([w.ping.remote() for w in workers] + [evaluator.ping.remote()])
+    (run_dir / "actors.json").write_text(
+        json.dumps(
+            {
+                "rollout_workers": [p["pid"] for p in pids[: len(workers)]],
+                "evaluator": pids[-1]["pid"],
+            },
+            indent=2,
+        )
+    )
+    return Fleet(buffer=buffer, workers=workers, learners=learners, evaluator=evaluator)
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def _describe(cfg: Config) -> str:
+    r, lc, a = cfg.rollout, cfg.learner, cfg.algo
+    workers = f"{r.num_workers} rollout workers" if a.mode != "offline" else "no rollout workers"
+    return (
+        f"{a.name} ({a.mode}), {workers}, {lc.num_ranks} learner rank(s) ZeRO-{lc.zero_stage}, "
+        f"{lc.total_steps} steps of {lc.batch_size} rows, sync every {lc.sync_every}, "
+        f"eval every {cfg.eval.every}, checkpoint every {cfg.checkpoint.every}"
+    )
+
+
+def _load_offline(cfg: Config, fleet: Any) -> int:
+    import ray
+
+    from buffer.offline import load_offline
+    from embr_rl.models.loader import load_tokenizer
+
+    b = cfg.buffer
+    assert b.offline_path is not None
+    tok = load_tokenizer(cfg.model.tokenizer or cfg.model.path, cfg.model.trust_remote_code)
+    data = load_offline(
+        b.offline_path,
+        tok,
+        shape=b.offline_format,
+        strict=b.strict,
+        task=b.offline_task,
+        cache_dir=b.offline_cache_dir,
+    )
+    ray.get(fleet.buffer.add.remote(data.table))
+    _log(
+        f"offline dataset {b.offline_path}: {data.table.num_rows} rows ({data.shape}), "
+        f"{data.skipped} malformed records skipped"
+    )
+    return data.table.num_rows
+
+
+def run(cfg: Config) -> dict[str, Any]:
+    """Run the whole job; returns the summary written to ``summary.json``."""
+    import ray
+
+    from embr_rl import driver, report
+    from embr_rl.checkpointing import CheckpointManager
+    from embr_rl.tasks import load_task
+    from embr_rl.tasks.stream import PromptStream
+    from embr_rl.telemetry import build_logger, read_jsonl
+
     t0 = time.perf_counter()
-    run_dir = Path(cfg.logging.run_dir)
+    run_dir = Path(cfg.logging.run_dir).resolve()
+    if os.environ.get("RAY_JOB_ID") and not Path(cfg.logging.run_dir).is_absolute():
+        _log(
+            f"warning: logging.run_dir={cfg.logging.run_dir!r} is relative; under `ray job "
+            "submit` it lands in the job's temporary working directory. Use an absolute path "
+            "on shared storage to keep checkpoints across jobs."
+        )
     save_config(cfg, run_dir)
     _log(f"run directory {run_dir} (resolved config in {run_dir / 'config.yaml'})")
     model_path = base_model_stage(cfg)
-    loaded = load_model(cfg.model, model_path)
-    problems = load_task(cfg.task, cfg.task.test_split)
-    if cfg.eval.limit is not None:
-        problems = problems[: cfg.eval.limit]
-    _log(
-        f"evaluating {model_path} on {len(problems)} held-out {cfg.task.name} problems (temperature {cfg.eval.temperature:g})"
-    )
-    group_key = "num_operands" if cfg.task.name == "arith" else None
-    result = evaluate(
-        loaded,
-        problems,
-        cfg.eval,
-        prompt_format=cfg.task.prompt_format,
-        chat_template=cfg.task.chat_template,
-        scorer=correctness_scorer(cfg.verifier),
-        group_key=group_key,
-        seed=cfg.seed,
-    )
-    report(result, cfg.eval.num_show)
-    with open(run_dir / "eval_base_samples.jsonl", "w") as fh:
-        for s in result.samples:
-            fh.write(json.dumps(s) + "\n")
-    summary: dict[str, object] = {
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=model_path))
+    ckpt = CheckpointManager(run_dir, cfg.checkpoint.keep_last)
+    resume_from = ckpt.resolve(cfg.checkpoint.resume)
+
+    stream = None
+    if cfg.algo.mode != "offline":
+        train = load_task(cfg.task, cfg.task.train_split)
+        stream = PromptStream(train, seed=cfg.seed)
+        r = cfg.rollout
+        if cfg.algo.mode == "sync":
+            fresh = r.num_workers * r.prompts_per_batch * r.group_size
+            if fresh < cfg.learner.batch_size:
+                raise ConfigError(
+                    f"bad value for 'learner.batch_size': {cfg.learner.batch_size} with "
+                    f"algo.mode='sync'; allowed: <= rollout.num_workers x prompts_per_batch x "
+                    f"group_size = {fresh} (the rows one round generates)"
+                )
+
+    started = start_ray(cfg)
+    stop = driver.StopFlag()
+    stop.install()
+    logger = None
+    fleet = None
+    try:
+        check_resources(cfg, local=started == "local")
+        _log(f"starting actors: {_describe(cfg)}")
+        t_actors = time.perf_counter()
+        fleet = make_fleet(cfg, run_dir)
+        _log(f"actors ready in {time.perf_counter() - t_actors:.1f}s")
+        logger = build_logger(cfg, run_dir, ray_metrics=True)
+        state = driver.RunState()
+        if resume_from is not None:
+            state = driver.restore(fleet, resume_from, stream, logger)
+        else:
+            logger.event(0, "started", config=str(run_dir / "config.yaml"))
+            if cfg.algo.mode == "offline":
+                _load_offline(cfg, fleet)
+        source = driver.SOURCES[cfg.algo.mode](fleet, cfg, stream)
+        state = driver.train(cfg, fleet, source, logger, state=state, ckpt=ckpt, stop=stop)
+        source.close()
+    finally:
+        if logger is not None:
+            logger.close()
+        if fleet is not None:
+            try:
+                fleet.learners.shutdown()
+            except Exception as exc:  # the run's outputs are already on disk
+                _log(f"warning: learner shutdown: {exc}")
+        stop.uninstall()
+        ray.shutdown()
+
+    wall = time.perf_counter() - t0
+    records = read_jsonl(run_dir / "metrics.jsonl")
+    rows = report.summary_rows(records, wall)
+    print("\n" + report.format_table(rows), flush=True)
+    if cfg.logging.plot:
+        png = report.plot_rewards(
+            records, run_dir / "reward.png", title=f"{cfg.name}: {cfg.algo.name}"
+        )
+        _log(f"reward curve: {png}")
+    acc_steps, acc = report.series(records, "eval/accuracy")
+    summary: dict[str, Any] = {
         "model": model_path,
         "task": cfg.task.name,
-        "eval/accuracy": result.accuracy,
-        "eval/accuracy_by_group": result.by_group,
-        "eval/num": result.num,
-        "eval/tokens_per_s": result.stats.tokens_per_s,
-        "wall_seconds": round(time.perf_counter() - t0, 1),
+        "algo": cfg.algo.name,
+        "mode": cfg.algo.mode,
+        "steps": state.step,
+        "policy_version": state.version,
+        "samples": state.samples,
+        "worker_restarts": state.restarts,
+        "eval/accuracy_before": acc[0] if acc else None,
+        "eval/accuracy_after": acc[-1] if acc else None,
+        "eval/steps": acc_steps,
+        "stopped_by": None if not stop else stop.signal,
+        "checkpoint": str(ckpt.latest()) if ckpt.latest() else None,
+        "wall_seconds": round(wall, 1),
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    _log(
-        f"done in {summary['wall_seconds']}s; the RL stages (rollout workers, buffer, learner) "
-        "are not wired into this command yet"
-    )
+    if stop:
+        _log(f"stopped at step {state.step}; resume with checkpoint.resume=auto")
+    else:
+        _log(
+            f"done in {wall:.0f}s: eval accuracy {summary['eval/accuracy_before']} -> "
+            f"{summary['eval/accuracy_after']}; final model in {summary['checkpoint']}/learner/hf"
+        )
     return summary
 
 
@@ -107,10 +346,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
     try:
-        run(cfg)
-    except (ModelLoadError, ConfigError, FileNotFoundError) as exc:
+        summary = run(cfg)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    except (ModelLoadError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    if summary.get("stopped_by"):
+        return 128 + int(summary["stopped_by"])
     return 0
 
 

@@ -174,3 +174,18 @@ def split_batch(batch: LossBatch, num: int) -> list[LossBatch]:
             )
         )
     return out
+
+
+def batch_stats(batch: pa.Table | PairBatch, version: int) -> dict[str, float]:
+    """Staleness (learner ``version`` minus each online row's ``policy_version``; offline rows,
+    version < 0, are left out) and reward mean of a sampled batch, as ``learner/...`` metrics."""
+    tables = [batch.first, batch.second] if isinstance(batch, PairBatch) else [batch]
+    versions = np.concatenate([t.column("policy_version").to_numpy() for t in tables])
+    rewards = np.concatenate([t.column("reward").to_numpy() for t in tables])
+    online = versions[versions >= 0]
+    out = {"learner/batch_reward_mean": float(rewards.mean()) if len(rewards) else 0.0}
+    if len(online):
+        stale = version - online
+        out["learner/staleness_mean"] = float(stale.mean())
+        out["learner/staleness_max"] = float(stale.max())
+    return out

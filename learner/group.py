@@ -21,7 +21,7 @@ import pyarrow as pa
 
 from buffer.replay import PairBatch
 from embr_rl.config import Config
-from learner.batching import shard
+from learner.batching import batch_stats, shard
 from learner.sync import SyncSpec, get_broadcast
 
 __all__ = ["LearnerGroup", "LearnerRank", "mean_metrics"]
@@ -54,6 +54,13 @@ class LearnerRank:
     ):
         self.cfg, self.rank, self.world_size, self.factory = cfg, rank, world_size, factory
         self.learner: Any = None
+        threads = max(1, round(cfg.learner.num_cpus_per_rank))
+        try:
+            import torch
+
+            torch.set_num_threads(threads)
+        except RuntimeError:  # already set in this process
+            pass
 
     def address(self) -> tuple[str, int]:
         """This node's IP and a free port (asked of rank 0 for the rendezvous)."""
@@ -67,7 +74,10 @@ class LearnerRank:
         """Join the learners' process group and build the engine; returns this rank."""
         import torch
 
+        from embr_rl.cli import quiet_libraries
         from learner.learner import Learner, PolicySpec, init_distributed
+
+        quiet_libraries()
 
         if torch.cuda.is_available():
             os.environ["LOCAL_RANK"] = "0"  # Ray exposes one device per rank
@@ -86,9 +96,19 @@ class LearnerRank:
     def train_step(self, batch: pa.Table | PairBatch) -> dict[str, float]:
         return self.learner.train_step(batch)
 
-    def train_from_buffer(self, buffer: Any) -> dict[str, float]:
-        """Draw this rank's shard from a buffer actor handle (seeded by step and rank), then step."""
-        return self.learner.train_step(self.learner.sample_from(_RemoteBuffer(buffer)))
+    def train_from_buffer(self, buffer: Any, version: int | None = None) -> dict[str, float]:
+        """Draw this rank's shard from a buffer actor handle (seeded by step and rank), then step.
+
+        With ``version`` (the learner's policy version) the batch's staleness is reported too.
+        """
+        batch = self.learner.sample_from(_RemoteBuffer(buffer))
+        metrics = self.learner.train_step(batch)
+        if version is not None:
+            metrics.update(batch_stats(batch, version))
+        return metrics
+
+    def step(self) -> int:
+        return int(self.learner.step)
 
     def manifest(self) -> Any:
         return self.learner.manifest()
@@ -162,7 +182,13 @@ class LearnerGroup:
         ray.get([r.setup.remote(host, port) for r in self.ranks])
         self._broadcast = get_broadcast(lc.broadcast)
         self._workers: list[Any] = []
+        self.failed: list[tuple[Any, Exception]] = []
         self.version = 0
+
+    def train_step_async(self, buffer: Any, version: int | None = None) -> list[Any]:
+        """Start one step on shards drawn from ``buffer`` on every rank; returns the Ray refs
+        (finish with :func:`mean_metrics` over ``ray.get(refs)``)."""
+        return [r.train_from_buffer.remote(buffer, version) for r in self.ranks]
 
     def train_step(
         self, batch: pa.Table | PairBatch | None = None, buffer: Any = None
@@ -214,7 +240,12 @@ class LearnerGroup:
         self._workers = list(workers)
 
     def broadcast(self, version: int | None = None) -> dict[str, float]:
-        """Push the current weights to the connected workers; ``sync/...`` metrics."""
+        """Push the current weights to the connected workers; ``sync/...`` metrics.
+
+        A receiver whose actor died does not fail the broadcast: it is listed with its error
+        in ``self.failed`` (the object-store method; a dead peer in a ``torch_dist`` group
+        stalls the collective until ``learner.sync_timeout_s``).
+        """
         import ray
 
         if not self._workers:
@@ -225,12 +256,18 @@ class LearnerGroup:
         if self._broadcast.sender.streams:
             receives = [w.receive_weights.remote(None, self.version) for w in self._workers]
             stats, _ = ray.get(pushes)[0]
-            ray.get(receives)
         else:
             stats, (handle,) = ray.get(pushes)[0]
-            ray.get([w.receive_weights.remote(handle, self.version) for w in self._workers])
+            receives = [w.receive_weights.remote(handle, self.version) for w in self._workers]
+        self.failed = []
+        for w, ref in zip(self._workers, receives, strict=True):
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayActorError as exc:  # a dead receiver; the driver decides
+                self.failed.append((w, exc))
         metrics = stats.metrics()
         metrics["sync/wall_seconds"] = time.perf_counter() - start
+        metrics["sync/failed_receivers"] = float(len(self.failed))
         return metrics
 
     def full_state(self) -> dict[str, Any]:

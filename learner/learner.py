@@ -43,6 +43,7 @@ import deepspeed
 from buffer.replay import PairBatch
 from embr_rl.config import AlgoConfig, Config, LearnerConfig, LoraConfig
 from embr_rl.losses import LossBatch, LossModels, LossOutput, get_loss
+from embr_rl.models.lora import wrap_lora
 from learner.batching import TokenIds, split_batch, to_loss_batch
 from learner.sync import (
     Manifest,
@@ -165,17 +166,7 @@ def _device() -> torch.device:
     return torch.device("cpu")
 
 
-def _wrap_lora(model: nn.Module, lora: LoraConfig) -> nn.Module:
-    from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model
-
-    cfg = PeftLoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=list(lora.target_modules),
-    )
-    return get_peft_model(model, cfg)
+_wrap_lora = wrap_lora  # the name tests used before the function moved
 
 
 class Learner:
@@ -215,7 +206,7 @@ class Learner:
         policy = spec.model.to(self.device)
         if self.lora:
             assert lora is not None
-            policy = _wrap_lora(policy, lora)
+            policy = wrap_lora(policy, lora)
             reference: nn.Module = _AdapterDisabled(policy)
         else:
             reference = copy.deepcopy(policy).eval().requires_grad_(False)

@@ -72,7 +72,11 @@ def ray_session():
     ray = pytest.importorskip("ray")
     if not ray.is_initialized():
         ray.init(
-            num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="embr_rl_tests"
+            address="local",  # never join a cluster another test started with `ray start`
+            num_cpus=2,
+            include_dashboard=False,
+            log_to_driver=False,
+            namespace="embr_rl_tests",
         )
     yield ray
     ray.shutdown()

@@ -1,0 +1,189 @@
+"""The driver's pure parts: prompt stream, checkpoint folders, metrics sinks, end-of-run report."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+from embr_rl.checkpointing import CheckpointManager
+from embr_rl.config import ConfigError, load_config
+from embr_rl.report import format_table, moving_average, plot_rewards, series, summary_rows
+from embr_rl.tasks import Problem
+from embr_rl.tasks.stream import PromptStream
+from embr_rl.telemetry import JsonlSink, MetricsLogger, ProgressSink, read_jsonl
+
+
+def _problems(n: int) -> list[Problem]:
+    return [Problem(id=f"p{i}", task="t", question=str(i), answer=str(i)) for i in range(n)]
+
+
+# --------------------------------------------------------------------------- prompt stream
+
+
+def test_stream_covers_each_epoch_once_and_reshuffles() -> None:
+    s = PromptStream(_problems(10), seed=3)
+    first = [p.id for p in s.take(10)]
+    second = [p.id for p in s.take(10)]
+    assert sorted(first) == sorted(second) == sorted(f"p{i}" for i in range(10))
+    assert first != second  # a new permutation per epoch
+    assert s.position == 20 and s.epoch == 2
+
+
+def test_stream_resumes_from_state_with_returned_prompts_first() -> None:
+    a = PromptStream(_problems(7), seed=1)
+    a.take(5)
+    lost = a.take(3)
+    a.give_back(lost)
+    state = json.loads(json.dumps(a.state()))
+    b = PromptStream(_problems(7), seed=0)
+    b.load_state(state)
+    got = [p.id for p in b.take(6)]
+    assert got == [p.id for p in a.take(6)]
+    assert got[:3] == [p.id for p in lost]  # returned prompts come out first
+
+
+def test_stream_give_back_order_and_empty_error() -> None:
+    s = PromptStream(_problems(4), seed=0)
+    taken = s.take(2)
+    s.give_back(taken)
+    assert [p.id for p in s.take(2)] == [p.id for p in taken]
+    with pytest.raises(ValueError, match="at least one problem"):
+        PromptStream([], seed=0)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def test_checkpoint_manager_completeness_resolve_and_prune(tmp_path: Path) -> None:
+    ckpt = CheckpointManager(tmp_path, keep_last=2)
+    assert ckpt.resolve("auto") is None and ckpt.resolve("never") is None
+    for step in (5, 10, 15):
+        p = ckpt.path_for(step)
+        p.mkdir(parents=True)
+        ckpt.write_state(p, {"step": step})
+    broken = ckpt.path_for(12)
+    broken.mkdir()  # a save interrupted before state.json
+    assert [p.name for p in ckpt.complete()] == ["step_00000005", "step_00000010", "step_00000015"]
+    assert ckpt.resolve("auto") == ckpt.path_for(15)
+    assert ckpt.resolve(str(ckpt.path_for(10))) == ckpt.path_for(10)
+    with pytest.raises(FileNotFoundError, match=r"checkpoint\.resume"):
+        ckpt.resolve(str(broken))
+    removed = ckpt.prune()
+    assert sorted(p.name for p in removed) == ["step_00000005", "step_00000012"]
+    assert [p.name for p in ckpt.complete()] == ["step_00000010", "step_00000015"]
+    assert CheckpointManager.read_state(ckpt.path_for(15)) == {"step": 15}
+    newer_partial = ckpt.path_for(20)
+    newer_partial.mkdir()
+    ckpt.prune()
+    assert newer_partial.is_dir()  # may still be being written
+
+
+# --------------------------------------------------------------------------- telemetry
+
+
+def test_jsonl_sink_appends_and_skips_non_finite(tmp_path: Path) -> None:
+    path = tmp_path / "m.jsonl"
+    sink = JsonlSink(path)
+    sink.log(1, {"a": 1.0, "b": float("nan"), "c": "text"})
+    sink.event(1, "checkpoint", {"path": "x"})
+    sink.close()
+    again = JsonlSink(path)
+    again.log(2, {"a": 2.0})
+    again.close()
+    with open(path, "a") as fh:
+        fh.write('{"step": 3, "a": ')  # a torn line from a crash
+    recs = read_jsonl(path)
+    assert [r["step"] for r in recs] == [1, 1, 2]
+    assert "b" not in recs[0] and "c" not in recs[0] and recs[1]["event"] == "checkpoint"
+
+
+def test_progress_line_on_tty_and_plain_lines_elsewhere() -> None:
+    out = io.StringIO()
+    tty = ProgressSink(10, tty=True, stream=out)
+    tty.log(1, {"learner/loss": 2.0, "rollout/reward_mean": 0.25})
+    tty.log(2, {"eval/accuracy": 0.5, "learner/loss": 1.0})
+    text = out.getvalue()
+    assert text.count("\r") == 2 and "step 2/10" in text and "acc 0.500" in text
+    assert "reward 0.250" in text
+    plain_out = io.StringIO()
+    plain = ProgressSink(10, tty=False, every=2, stream=plain_out)
+    for step in range(1, 5):
+        plain.log(step, {"learner/loss": 1.0})
+    lines = plain_out.getvalue().splitlines()
+    assert [ln.split("|")[0].strip() for ln in lines] == [
+        "[progress] step 2/10",
+        "[progress] step 4/10",
+    ]
+
+
+def test_logger_fans_out_to_every_sink(tmp_path: Path) -> None:
+    seen: list[tuple[str, int]] = []
+
+    class Probe:
+        def log(self, step: int, metrics: dict) -> None:
+            seen.append(("log", step))
+
+        def event(self, step: int, kind: str, detail: dict) -> None:
+            seen.append((kind, step))
+
+        def close(self) -> None:
+            seen.append(("close", -1))
+
+    logger = MetricsLogger([Probe(), JsonlSink(tmp_path / "m.jsonl")])
+    logger.log(3, {"x": 1.0})
+    logger.event(3, "resumed", path="p")
+    logger.close()
+    assert seen == [("log", 3), ("resumed", 3), ("close", -1)]
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _records() -> list[dict]:
+    recs = [
+        {"step": s, "learner/loss": 1.0 / s, "rollout/reward_mean": 0.1 * s} for s in range(1, 6)
+    ]
+    recs += [{"step": 0, "eval/accuracy": 0.3}, {"step": 5, "eval/accuracy": 0.4}]
+    recs += [{"step": 3, "rollout/reward_mean": 9.0}]  # a resumed run logs step 3 again
+    recs += [{"step": 4, "event": "worker_restarted", "worker": 0}]
+    return recs
+
+
+def test_series_last_record_of_a_step_wins_and_moving_average() -> None:
+    steps, values = series(_records(), "rollout/reward_mean")
+    assert steps == [1, 2, 3, 4, 5] and values[2] == 9.0
+    assert moving_average([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
+
+
+def test_summary_rows_and_table() -> None:
+    rows = dict(summary_rows(_records(), 12.3))
+    assert rows["learner steps"] == "5"
+    assert rows["eval accuracy at step 0"] == "0.300" and rows["eval accuracy at step 5"] == "0.400"
+    assert rows["rollout worker restarts"] == "1" and rows["wall time"] == "12 s"
+    table = format_table(list(rows.items()))
+    assert table.splitlines()[0].startswith("| metric") and "| learner steps" in table
+
+
+def test_plot_rewards_writes_png(tmp_path: Path) -> None:
+    out = plot_rewards(_records(), tmp_path / "reward.png", title="t")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# --------------------------------------------------------------------------- run config rules
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (["algo.mode=offline"], "buffer.offline_path"),
+        (["rollout.num_workers=0"], "rollout.num_workers"),
+        (["algo.name=d1", "algo.inner_iterations=2"], "algo.inner_iterations"),
+        (["rollout.max_restarts=-1"], "rollout.max_restarts"),
+    ],
+)
+def test_run_rules_name_the_key(overrides: list[str], key: str) -> None:
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, overrides)
