@@ -63,9 +63,13 @@ def base_model_stage(cfg: Config) -> str:
 
 
 def start_ray(cfg: Config) -> str:
-    """Join ``cluster.address`` / ``RAY_ADDRESS``, or start a local cluster; returns which."""
+    """Join ``cluster.address`` / ``RAY_ADDRESS``, or start a local cluster; returns which
+    (``existing`` when this process already runs Ray, e.g. a notebook or a test)."""
     import ray
 
+    if ray.is_initialized():
+        _log("using the Ray instance this process already started")
+        return "existing"
     address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
     if address:
         kwargs: dict[str, Any] = {}
@@ -295,7 +299,8 @@ def run(cfg: Config) -> dict[str, Any]:
             except Exception as exc:  # the run's outputs are already on disk
                 _log(f"warning: learner shutdown: {exc}")
         stop.uninstall()
-        ray.shutdown()
+        if started != "existing":
+            ray.shutdown()
 
     wall = time.perf_counter() - t0
     records = read_jsonl(run_dir / "metrics.jsonl")

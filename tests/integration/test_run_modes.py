@@ -1,0 +1,130 @@
+"""Every algorithm and every mode on the same machinery: ``embr_rl.run.run`` in this process,
+on the session's Ray instance, with a tiny pre-trained base model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from embr_rl.config import Config, load_config
+from embr_rl.telemetry import read_jsonl
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = [
+    "model.builtin.hidden_size=32",
+    "model.builtin.num_layers=1",
+    "model.builtin.num_heads=2",
+    "model.builtin.intermediate_size=64",
+]
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def base_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from embr_rl.pretrain import pretrain
+
+    root = tmp_path_factory.mktemp("modes")
+    cfg = load_config(
+        REPO / "configs" / "demo_base.yaml",
+        [f"logging.run_dir={root}", "pretrain.max_steps=5", "pretrain.batch_size=8", *TINY],
+    )
+    return pretrain(cfg)
+
+
+def _cfg(run_dir: Path, base: Path, *extra: str) -> Config:
+    return load_config(
+        REPO / "configs" / "demo.yaml",
+        [
+            f"logging.run_dir={run_dir}",
+            f"model.path={base}",
+            "rollout.num_workers=1",
+            "rollout.prompts_per_batch=2",
+            "rollout.group_size=4",
+            "learner.num_cpus_per_rank=0.5",
+            "learner.batch_size=8",
+            "learner.micro_batch_size=4",
+            "algo.num_mc_samples=1",
+            "eval.limit=4",
+            "eval.batch_size=4",
+            "eval.every=0",
+            "eval.at_start=false",
+            "checkpoint.every=0",
+            "logging.tensorboard=false",
+            "logging.progress=never",
+            "logging.plot=false",
+            *extra,
+        ],
+    )
+
+
+@pytest.mark.parametrize("algo", ["embr_e", "embr_c", "embr_u", "d1", "wd1", "dpo", "vrpo"])
+def test_sync_mode_runs_every_algorithm(
+    ray_session: object, base_model: Path, tmp_path: Path, algo: str
+) -> None:
+    from embr_rl.run import run
+
+    inner = 1 if algo == "d1" else 2
+    summary = run(
+        _cfg(
+            tmp_path, base_model, f"algo.name={algo}", "algo.mode=sync",
+            f"algo.inner_iterations={inner}", "learner.total_steps=4",
+        )
+    )  # fmt: skip
+    assert summary["steps"] == 4 and summary["algo"] == algo
+    # Algorithm 1: one broadcast per `inner` updates, one fresh batch of 2 x 4 rows per round.
+    assert summary["policy_version"] == 4 // inner
+    assert summary["samples"] == (4 // inner) * 8
+    recs = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if "learner/loss" in r]
+    assert [r["step"] for r in recs] == [1, 2, 3, 4]
+    assert all(r["learner/staleness_max"] == 0 for r in recs)  # sync: always on-policy rows
+
+
+def test_offline_mode_trains_from_a_dataset_without_workers(
+    ray_session: object, base_model: Path, tmp_path: Path
+) -> None:
+    from embr_rl.run import run
+
+    data = tmp_path / "scored.jsonl"
+    with open(data, "w") as fh:
+        for i in range(12):
+            a, b = i % 7, i % 5
+            for completion, reward in (
+                (f"{a}+{b}={a + b};\\boxed{{{a + b}}}", 1.0),
+                (f"{a}+{b}={a + b + 1};\\boxed{{{a + b + 1}}}", 0.0),
+            ):
+                fh.write(json.dumps({"prompt": f"{a}+{b}=", "completion": completion,
+                                     "reward": reward, "prompt_id": f"q{i}"}) + "\n")  # fmt: skip
+    summary = run(
+        _cfg(
+            tmp_path / "run", base_model, "algo.name=embr_c", "algo.mode=offline",
+            f"buffer.offline_path={data}", "learner.total_steps=3", "eval.every=2",
+        )
+    )  # fmt: skip
+    assert summary["steps"] == 3 and summary["samples"] == 0
+    assert summary["eval/steps"] == [2, 3]
+    final = tmp_path / "run" / "checkpoints" / "step_00000003"
+    assert pq.read_table(final / "buffer.parquet").num_rows == 24
+    assert json.loads((tmp_path / "run" / "actors.json").read_text())["rollout_workers"] == []
+
+
+def test_online_mode_respects_max_staleness(
+    ray_session: object, base_model: Path, tmp_path: Path
+) -> None:
+    from embr_rl.run import run
+
+    summary = run(
+        _cfg(
+            tmp_path, base_model, "algo.name=embr_u", "algo.mode=online", "learner.total_steps=6",
+            "learner.sync_every=2", "buffer.max_staleness=1", "checkpoint.every=3",
+        )
+    )  # fmt: skip
+    assert summary["steps"] == 6 and summary["policy_version"] == 3
+    recs = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if "learner/loss" in r]
+    assert max(r.get("learner/staleness_max", 0) for r in recs) <= 1
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+        "step_00000003",
+        "step_00000006",
+    ]
