@@ -33,6 +33,7 @@ import json
 import math
 import os
 import shlex
+import shutil
 import statistics
 import sys
 import time
@@ -83,10 +84,12 @@ OFFLINE_METHODS = ("embr_c", "embr_u", "dpo", "vrpo")
 
 @dataclass(frozen=True)
 class Scale:
-    """A study size: overrides applied to configs/demo.yaml for every run."""
+    """A study size: overrides applied to configs/demo.yaml for every run, and the nominal
+    ``eval.every`` (rounded down to whole sync rounds per run, see :func:`eval_every`)."""
 
     description: str
     overrides: tuple[str, ...]
+    eval_every: int
 
 
 SCALES: dict[str, Scale] = {
@@ -106,14 +109,16 @@ SCALES: dict[str, Scale] = {
             "task.arith.num_train=2000",
             "eval.limit=8",
             "eval.batch_size=8",
-            "eval.every=1",
         ),
+        eval_every=1,
     ),
     # The study on a 2-core CPU: one round of 2 workers x 4 prompts x 8 completions is exactly
     # one learner batch of 64 rows, so K+1 updates reuse the same 64 samples; 27 steps is a
-    # multiple of K+1 for K in {0, 2, 8}, so every K ends on a full round.
+    # multiple of K+1 for K in {0, 2, 8}, so every K ends on a full round, and so is the
+    # evaluation interval 9 (evaluations at steps 0, 9, 18 and 27 for every K).
     "small": Scale(
-        "the study: 27 learner steps of 64 rows, 2 workers, 500 test problems",
+        "the study: 27 learner steps of 64 rows, 2 workers, 500 test problems, "
+        "evaluated at steps 0, 9, 18, 27",
         (
             "rollout.num_workers=2",
             "rollout.prompts_per_batch=4",
@@ -122,8 +127,8 @@ SCALES: dict[str, Scale] = {
             "learner.micro_batch_size=16",
             "learner.total_steps=27",
             "eval.limit=500",
-            "eval.every=14",
         ),
+        eval_every=9,
     ),
 }
 
@@ -216,6 +221,20 @@ def plan_runs(
     return sorted(specs, key=lambda s: (s.seed, order[s.setting], s.k or 0, s.algo))
 
 
+def eval_every(nominal: int, k: int | None) -> int:
+    """``nominal`` rounded down to a multiple of the sync round length ``k + 1`` (0: no
+    evaluation between the first and the last).
+
+    The driver forces a weight broadcast at every evaluation step; in sync mode that bumps
+    the policy version inside a round, and the buffer (``max_staleness = 0``) then drops the
+    round's rows, so the round's next learner step finds no rows and fails ("cannot build a
+    learner batch from 0 rows"). Evaluating only at round ends avoids that.
+    """
+    if k is None:
+        return nominal
+    return nominal // (k + 1) * (k + 1)
+
+
 def run_overrides(
     spec: RunSpec, scale: str, out: Path, base_model: Path, offline_path: Path | None = None
 ) -> list[str]:
@@ -229,6 +248,7 @@ def run_overrides(
         mode = ["algo.mode=sync", f"algo.inner_iterations={(spec.k or 0) + 1}"]
     return [
         *SCALES[scale].overrides,
+        f"eval.every={eval_every(SCALES[scale].eval_every, spec.k)}",
         *COMMON_OVERRIDES,
         f"logging.run_dir={spec.run_dir(out)}",
         f"model.path={base_model}",
@@ -630,6 +650,12 @@ def build_report(
     out.append(f"Seeds {study.get('seeds')}, settings {settings}, stale K {stale_k}.")
     out += ["", "Overrides of the base config for every run:", "", "```text"]
     out += [*study.get("scale_overrides", []), *study.get("common_overrides", []), "```"]
+    out += [
+        "",
+        f"`eval.every`: {study.get('eval_every')}, rounded down per run to a multiple of the "
+        "sync round length K+1 (0: evaluated only before the first and after the last step); "
+        "a forced broadcast inside a sync round would empty the buffer (see `eval_every`).",
+    ]
     out += ["", "Methods (label, algo.name, own overrides):", ""]
     for name, m in study.get("methods", {}).items():
         extra = " ".join(m.get("overrides", [])) or "none (configs/demo.yaml)"
@@ -825,6 +851,7 @@ class Study:
             "scale": self.scale,
             "scale_description": SCALES[self.scale].description,
             "scale_overrides": list(SCALES[self.scale].overrides),
+            "eval_every": SCALES[self.scale].eval_every,
             "common_overrides": list(COMMON_OVERRIDES),
             "base_config": str(BASE_CONFIG.relative_to(REPO)),
             "base_model": str(self.base_model),
@@ -880,6 +907,11 @@ def ensure_base_model(path: Path, pretrain_if_missing: bool) -> Path:
     return pretrain(cfg).resolve()
 
 
+def has_checkpoint(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a complete checkpoint (``checkpoint.resume=auto`` continues)."""
+    return any((run_dir / "checkpoints").glob("step_*/state.json"))
+
+
 def _read_json(path: Path) -> dict[str, Any] | None:
     try:
         return json.loads(path.read_text())
@@ -930,6 +962,8 @@ def execute(study: Study, specs: Sequence[RunSpec]) -> tuple[int, int, int | Non
                 )
                 make_offline_dataset(cfg, offline, spec.seed, prompts)
             datasets[spec.seed] = offline
+        if run_dir.exists() and not has_checkpoint(run_dir):
+            shutil.rmtree(run_dir)  # an attempt that left nothing to resume from
         print(f"[repro] {i}/{len(specs)} {spec.key}: running", flush=True)
         t0 = time.perf_counter()
         try:

@@ -470,6 +470,12 @@ def _check_relations(cfg: Config) -> None:
             f"bad value for 'algo.name': {cfg.algo.name!r} with algo.mode='offline'; allowed: "
             "'embr_e', 'embr_c', 'embr_u', 'dpo', 'vrpo' (d1 and wd1 need fresh rollouts)"
         )
+    need = max(cfg.buffer.min_size or 0, cfg.learner.batch_size)
+    if cfg.buffer.capacity < need:
+        raise ConfigError(
+            f"bad value for 'buffer.capacity': {cfg.buffer.capacity}; allowed: >= {need} "
+            "(learner.batch_size and buffer.min_size rows must fit in the buffer)"
+        )
     if cfg.algo.mode == "offline" and not cfg.buffer.offline_path:
         raise ConfigError(
             "bad value for 'buffer.offline_path': None with algo.mode='offline'; allowed: a "

@@ -396,6 +396,12 @@ class OnlineSource(_Rollouts):
             self.start()
         size = ray.get(self.fleet.buffer.eligible_size.remote())
         while size < self.min_size:
+            # The learner is starved (rows went stale or were never made): back-pressure
+            # must not hold the producers now.
+            for i in sorted(self.paused):
+                if self.alive[i]:
+                    self.dispatch(i)
+            self.paused.clear()
             self.pump(1.0)
             size = ray.get(self.fleet.buffer.eligible_size.remote())
 
@@ -427,6 +433,8 @@ class SyncSource(_Rollouts):
                 self.dispatch(i)
         retry: list[list[Problem]] = []
         while self.inflight or self.recovering or retry:
+            if not self.inflight:
+                time.sleep(0.2)  # only restarts to wait for
             if self.inflight:
                 ready, _ = ray.wait(list(self.inflight), num_returns=1, timeout=1.0)
                 for ref in ready:

@@ -182,6 +182,7 @@ def test_plot_rewards_writes_png(tmp_path: Path) -> None:
         (["rollout.num_workers=0"], "rollout.num_workers"),
         (["algo.name=d1", "algo.inner_iterations=2"], "algo.inner_iterations"),
         (["rollout.max_restarts=-1"], "rollout.max_restarts"),
+        (["buffer.capacity=16", "learner.batch_size=32"], "buffer.capacity"),
     ],
 )
 def test_run_rules_name_the_key(overrides: list[str], key: str) -> None:
