@@ -6,8 +6,10 @@ average) and held-out accuracy against learner step.
 
 from __future__ import annotations
 
+import json
+import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +63,33 @@ def summary_rows(records: Sequence[dict[str, Any]], wall_seconds: float) -> list
     rows.append(("rollout worker restarts", str(restarts)))
     rows.append(("wall time", f"{wall_seconds:.0f} s"))
     return rows
+
+
+def read_eval_samples(path: str | os.PathLike[str]) -> dict[str, float]:
+    """``{problem id: reward}`` of an evaluator's ``eval/*.jsonl``."""
+    out: dict[str, float] = {}
+    with open(path) as fh:
+        for line in fh:
+            rec = json.loads(line)
+            out[str(rec["id"])] = float(rec["reward"])
+    return out
+
+
+def paired_flips(before: Mapping[str, float], after: Mapping[str, float]) -> tuple[int, int]:
+    """Problems wrong before and right after (fixed), and right before and wrong after (broken)."""
+    common = before.keys() & after.keys()
+    fixed = sum(1 for k in common if before[k] <= 0 < after[k])
+    broken = sum(1 for k in common if after[k] <= 0 < before[k])
+    return fixed, broken
+
+
+def sign_test_p(fixed: int, broken: int) -> float:
+    """Exact two-sided sign test (McNemar's exact test) of ``fixed`` vs ``broken`` flips."""
+    n = fixed + broken
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(min(fixed, broken) + 1)) / 2**n
+    return min(1.0, 2 * tail)
 
 
 def format_table(rows: Sequence[tuple[str, str]]) -> str:

@@ -305,6 +305,17 @@ def run(cfg: Config) -> dict[str, Any]:
     wall = time.perf_counter() - t0
     records = read_jsonl(run_dir / "metrics.jsonl")
     rows = report.summary_rows(records, wall)
+    flips = None
+    first, last = run_dir / "eval" / "step_00000000.jsonl", run_dir / "eval" / "final.jsonl"
+    if first.is_file() and last.is_file():
+        flips = report.paired_flips(report.read_eval_samples(first), report.read_eval_samples(last))
+        rows.insert(
+            len(rows) - 2,
+            (
+                "held-out problems fixed / broken",
+                f"{flips[0]} / {flips[1]} (sign test p={report.sign_test_p(*flips):.3g})",
+            ),
+        )
     print("\n" + report.format_table(rows), flush=True)
     if cfg.logging.plot:
         png = report.plot_rewards(
@@ -324,6 +335,7 @@ def run(cfg: Config) -> dict[str, Any]:
         "eval/accuracy_before": acc[0] if acc else None,
         "eval/accuracy_after": acc[-1] if acc else None,
         "eval/steps": acc_steps,
+        "eval/fixed_broken": list(flips) if flips else None,
         "stopped_by": None if not stop else stop.signal,
         "checkpoint": str(ckpt.latest()) if ckpt.latest() else None,
         "wall_seconds": round(wall, 1),

@@ -88,12 +88,37 @@ def test_every_planned_run_is_a_valid_config_except_d1_when_stale(scale: str) ->
             assert cfg.learner.total_steps % cfg.algo.inner_iterations == 0
 
 
-def test_small_scale_evaluates_a_mid_point() -> None:
+def test_eval_every_is_a_whole_number_of_sync_rounds() -> None:
+    assert repro.eval_every(9, 0) == 9 and repro.eval_every(9, 2) == 9
+    assert repro.eval_every(14, 2) == 12 and repro.eval_every(14, 8) == 9
+    assert repro.eval_every(1, 2) == 0  # no evaluation inside the run
+    assert repro.eval_every(5, None) == 5  # offline: no rounds
+
+
+@pytest.mark.parametrize("scale", sorted(repro.SCALES))
+def test_evaluations_fall_on_round_ends(scale: str) -> None:
     from embr_rl.config import load_config
 
-    cfg = load_config(repro.BASE_CONFIG, list(repro.SCALES["small"].overrides))
-    assert 0 < cfg.eval.every < cfg.learner.total_steps
-    assert cfg.eval.limit is not None and cfg.eval.limit <= 500
+    data = Path("/data/seed0.jsonl")
+    for spec in repro.plan_runs([0], list(repro.SETTINGS), [0, 2, 8]):
+        if spec.algo == "d1" and spec.setting == "stale":
+            continue
+        cfg = load_config(repro.BASE_CONFIG, repro.run_overrides(spec, scale, OUT, BASE, data))
+        assert cfg.eval.at_start and cfg.eval.every % cfg.algo.inner_iterations == 0
+        assert cfg.eval.limit is not None and cfg.eval.limit <= 500
+        if scale == "small":  # at least one evaluation between the first and the last
+            assert 0 < cfg.eval.every < cfg.learner.total_steps
+
+
+def test_short_error_and_has_checkpoint(tmp_path: Path) -> None:
+    exc = RuntimeError("learner step 2 failed: \x1b[36mray::LearnerRank\x1b[39m\nmore")
+    assert repro.short_error(exc) == "RuntimeError: learner step 2 failed: ray::LearnerRank"
+    assert not repro.has_checkpoint(tmp_path)
+    step = tmp_path / "checkpoints" / "step_00000002"
+    step.mkdir(parents=True)
+    assert not repro.has_checkpoint(tmp_path)  # interrupted save
+    (step / "state.json").write_text("{}")
+    assert repro.has_checkpoint(tmp_path)
 
 
 def test_parse_lists() -> None:

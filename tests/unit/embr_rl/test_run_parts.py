@@ -10,7 +10,15 @@ import pytest
 
 from embr_rl.checkpointing import CheckpointManager
 from embr_rl.config import ConfigError, load_config
-from embr_rl.report import format_table, moving_average, plot_rewards, series, summary_rows
+from embr_rl.report import (
+    format_table,
+    moving_average,
+    paired_flips,
+    plot_rewards,
+    series,
+    sign_test_p,
+    summary_rows,
+)
 from embr_rl.tasks import Problem
 from embr_rl.tasks.stream import PromptStream
 from embr_rl.telemetry import JsonlSink, MetricsLogger, ProgressSink, read_jsonl
@@ -188,3 +196,15 @@ def test_plot_rewards_writes_png(tmp_path: Path) -> None:
 def test_run_rules_name_the_key(overrides: list[str], key: str) -> None:
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config(None, overrides)
+
+
+def test_paired_flips_and_exact_sign_test() -> None:
+    before = {"a": 0.0, "b": 1.0, "c": 0.0, "d": 1.0, "e": 0.0}
+    after = {"a": 1.0, "b": 0.0, "c": 1.0, "d": 1.0, "x": 1.0}
+    assert paired_flips(before, after) == (2, 1)
+    # n=3 flips, 1 the other way: P(X<=1) = (1+3)/8, two-sided 1.0 (capped)
+    assert sign_test_p(2, 1) == 1.0
+    # 10 fixed, 0 broken: 2 * 0.5**10
+    assert sign_test_p(10, 0) == pytest.approx(2 / 1024)
+    assert sign_test_p(0, 0) == 1.0
+    assert sign_test_p(44, 32) == pytest.approx(sign_test_p(32, 44))
