@@ -29,9 +29,11 @@ line to ``<out>/results.jsonl``; the report is built from that file only.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
+import re
 import shlex
 import shutil
 import statistics
@@ -47,6 +49,7 @@ REPO = Path(__file__).resolve().parents[1]
 BASE_CONFIG = REPO / "configs" / "demo.yaml"
 DEFAULT_BASE_MODEL = REPO / "runs" / "demo" / "base_model"
 SETTINGS = ("online", "stale", "offline")
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
 DEFAULT_STALE_K = (0, 2, 8)
 
 
@@ -514,6 +517,9 @@ def per_run_table(rows: Sequence[Mapping[str, Any]]) -> str:
     def num(v: Any, digits: int) -> str:
         return "n/a" if v is None else f"{v:.{digits}f}"
 
+    def count(v: Any) -> str:
+        return "n/a" if v is None else str(v)
+
     order = {s: i for i, s in enumerate(SETTINGS)}
     body = []
     for r in sorted(rows, key=lambda r: (order[r["setting"]], r["k"] or 0, r["algo"], r["seed"])):
@@ -524,8 +530,8 @@ def per_run_table(rows: Sequence[Mapping[str, Any]]) -> str:
                 METHODS[r["algo"]].label,
                 str(r["seed"]),
                 r["status"],
-                str(r.get("steps")),
-                str(r.get("samples")),
+                count(r.get("steps")),
+                count(r.get("samples")),
                 pct(r.get("acc_before")),
                 pct(r.get("acc_after")),
                 num(None if r.get("gain") is None else 100 * r["gain"], 1),
@@ -683,7 +689,9 @@ def build_report(
         out += ["", "## Off-policy stress (samples up to K policy versions stale)", ""]
         out.append(
             "`algo.mode=sync`, `algo.inner_iterations=K+1`: each fresh batch is used for K+1 "
-            "updates. K=0 is the online configuration and reuses the online runs."
+            "updates. K=0 is the online configuration and reuses the online runs. K counts "
+            "learner updates since the samples' policy; the driver's `learner/staleness_max` "
+            "stays 0 in sync mode because its policy version counts broadcasts (one per round)."
         )
         for k in stale_k:
             cell_rows = select_setting(rows, "online" if k == 0 else "stale", k)
@@ -714,9 +722,8 @@ def build_report(
     if failed:
         out += ["", "## Failed runs", ""]
         for r in failed:
-            out.append(
-                f"- `{r['key']}`: {r.get('error', '?')} (traceback in `{r['key']}/error.txt`)"
-            )
+            error = ANSI.sub("", str(r.get("error", "?")))
+            out.append(f"- `{r['key']}`: {error} (traceback in `{r['key']}/error.txt`)")
     return "\n".join(out) + "\n"
 
 
@@ -805,7 +812,6 @@ def make_offline_dataset(cfg: Any, path: Path, seed: int, num_prompts: int) -> d
     with open(tmp, "w") as fh:
         for rec in records:
             fh.write(json.dumps(rec) + "\n")
-    os.replace(tmp, path)
     stats = {
         "seed": seed,
         "path": str(path),
@@ -818,6 +824,7 @@ def make_offline_dataset(cfg: Any, path: Path, seed: int, num_prompts: int) -> d
         "seconds": round(time.perf_counter() - t0, 1),
     }
     path.with_suffix(".meta.json").write_text(json.dumps(stats, indent=2))
+    os.replace(tmp, path)  # last: an existing dataset file always has its stats beside it
     return stats
 
 
@@ -907,9 +914,37 @@ def ensure_base_model(path: Path, pretrain_if_missing: bool) -> Path:
     return pretrain(cfg).resolve()
 
 
+def short_error(exc: BaseException) -> str:
+    """The first line of ``exc``'s message, without terminal colour codes, at most 300 chars."""
+    text = ANSI.sub("", f"{type(exc).__name__}: {exc}").strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:300]
+
+
 def has_checkpoint(run_dir: Path) -> bool:
     """Whether ``run_dir`` holds a complete checkpoint (``checkpoint.resume=auto`` continues)."""
     return any((run_dir / "checkpoints").glob("step_*/state.json"))
+
+
+def release_actors(timeout_s: float = 120.0) -> bool:
+    """Free the finished run's actors before the next run starts; True once the cluster is idle.
+
+    ``embr_rl.run.run`` leaves its actor handles in a reference cycle (the data source holds
+    the fleet, and its bound ``receiver_failed`` is held by the ``SyncManager`` it holds),
+    so they outlive the call until Python's cycle collector runs; their CPU reservations
+    then keep the next run's learner placement group from being scheduled. Collect now and
+    wait until every CPU of the cluster is available again.
+    """
+    import ray
+
+    gc.collect()
+    total = ray.cluster_resources().get("CPU", 0.0)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if ray.available_resources().get("CPU", 0.0) >= total - 1e-6:
+            return True
+        time.sleep(0.5)
+    print(f"[repro] warning: the cluster still has busy CPUs after {timeout_s:.0f}s", flush=True)
+    return False
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -966,6 +1001,7 @@ def execute(study: Study, specs: Sequence[RunSpec]) -> tuple[int, int, int | Non
             shutil.rmtree(run_dir)  # an attempt that left nothing to resume from
         print(f"[repro] {i}/{len(specs)} {spec.key}: running", flush=True)
         t0 = time.perf_counter()
+        summary = None
         try:
             summary = run(cfg)
         except Exception as exc:
@@ -977,14 +1013,15 @@ def execute(study: Study, specs: Sequence[RunSpec]) -> tuple[int, int, int | Non
                 {
                     "key": spec.key, "setting": spec.setting, "k": spec.k, "algo": spec.algo,
                     "seed": spec.seed, "scale": study.scale, "status": "failed",
-                    "error": f"{type(exc).__name__}: {exc}".splitlines()[0],
+                    "error": short_error(exc),
                     "wall_measured": round(time.perf_counter() - t0, 1),
                 },
             )  # fmt: skip
-            executed += 1
-            continue
         wall = time.perf_counter() - t0
         executed += 1
+        release_actors()  # outside the except block, which still references the run's frames
+        if summary is None:
+            continue
         if summary.get("stopped_by"):
             print(f"[repro] {spec.key} stopped by signal; rerun to resume", flush=True)
             return executed, skipped, int(summary["stopped_by"])
@@ -1030,6 +1067,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--settings", default=",".join(SETTINGS), help="online,stale,offline")
     p.add_argument("--scale", choices=sorted(SCALES), default="small")
     p.add_argument("--stale-k", default=",".join(map(str, DEFAULT_STALE_K)))
+    p.add_argument(
+        "--methods", default=",".join(METHODS), help="run only these algorithms (e.g. a timing)"
+    )
     p.add_argument("--base-model", type=Path, default=DEFAULT_BASE_MODEL)
     p.add_argument("--pretrain", action="store_true", help="pre-train the base model if missing")
     p.add_argument("--report-only", action="store_true", help="rebuild report.md and the PNG")
@@ -1067,6 +1107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         seeds = parse_ints(args.seeds)
         settings = parse_list(args.settings, SETTINGS)
         stale_k = parse_ints(args.stale_k)
+        methods = parse_list(args.methods, METHODS)
     except ValueError as exc:
         print(f"repro: {exc}", file=sys.stderr)
         return 2
@@ -1093,7 +1134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     specs = [
         s
         for s in plan_runs(seeds, settings, stale_k)
-        if not (s.setting == "stale" and (s.algo, s.k) in refused)
+        if not (s.setting == "stale" and (s.algo, s.k) in refused) and s.algo in methods
     ]
     print(f"[repro] {len(specs)} runs at scale {args.scale} into {out}", flush=True)
     for r in study.rejected:

@@ -121,9 +121,13 @@ class SyncManager:
         extra = (self.fleet.evaluator,) if self.fleet.evaluator is not None else ()
         return tuple(workers) + extra
 
-    def broadcast(self, state: RunState, workers: Sequence[Any], *, bump: bool = True) -> dict:
+    def broadcast(
+        self, state: RunState, workers: Sequence[Any], *, bump: bool = True, age_buffer: bool = True
+    ) -> dict:
         """Push the learner's weights (as a new version when ``bump``) to ``workers`` and the
-        evaluator, reconnecting first when the set of receivers changed."""
+        evaluator, reconnecting first when the set of receivers changed. ``age_buffer`` tells
+        the buffer the new version at once (rows then age by it); otherwise the buffer learns
+        it from the first rows generated with it."""
         members = self.receivers(workers)
         if not members:
             return {}
@@ -141,7 +145,8 @@ class SyncManager:
                 self.on_failure(receiver, exc)
         if self.fleet.learners.failed:
             self.members = ()  # reconnect the live receivers at the next broadcast
-        ray.get(self.fleet.buffer.set_policy_version.remote(state.version))
+        if age_buffer:
+            ray.get(self.fleet.buffer.set_policy_version.remote(state.version))
         return metrics
 
 
@@ -149,7 +154,14 @@ class SyncManager:
 
 
 class DataSource:
-    """Where the learner's rows come from; one per ``algo.mode``."""
+    """Where the learner's rows come from; one per ``algo.mode``.
+
+    ``age_buffer``: whether a broadcast immediately makes older rows older in the buffer's
+    eyes (online). A sync round keeps its rows eligible until the next round's rows arrive,
+    even when an evaluation forces a broadcast in the middle of the round.
+    """
+
+    age_buffer = True
 
     def __init__(self, fleet: Fleet, cfg: Config, stream: PromptStream | None) -> None:
         self.fleet, self.cfg, self.stream = fleet, cfg, stream
@@ -424,6 +436,8 @@ class OnlineSource(_Rollouts):
 class SyncSource(_Rollouts):
     """Algorithm 1: a fresh batch per ``algo.inner_iterations`` learner steps."""
 
+    age_buffer = False
+
     def before_step(self) -> None:
         assert self.state is not None
         if self.state.step % self.cfg.algo.inner_iterations:
@@ -614,7 +628,9 @@ def train(
         state.step += 1
         eval_due = every_eval > 0 and state.step % every_eval == 0 and state.step < total
         if source.after_step() or eval_due:
-            metrics.update(sync.broadcast(state, source.live_workers()))
+            metrics.update(
+                sync.broadcast(state, source.live_workers(), age_buffer=source.age_buffer)
+            )
             synced_at = state.step
         metrics.update(source.metrics())
         if state.step % cfg.logging.log_every == 0 or state.step == total:

@@ -298,6 +298,10 @@ def run(cfg: Config) -> dict[str, Any]:
                 fleet.learners.shutdown()
             except Exception as exc:  # the run's outputs are already on disk
                 _log(f"warning: learner shutdown: {exc}")
+            # Free the CPUs/GPUs now, not whenever the handles are garbage-collected.
+            for actor in [*fleet.workers, fleet.evaluator, fleet.buffer]:
+                if actor is not None:
+                    ray.kill(actor)
         stop.uninstall()
         if started != "existing":
             ray.shutdown()

@@ -130,3 +130,27 @@ def test_online_mode_respects_max_staleness_even_when_starved(
         "step_00000003",
         "step_00000006",
     ]
+
+
+def test_sync_round_survives_mid_round_evaluations_and_frees_its_actors(
+    ray_session: object, base_model: Path, tmp_path: Path
+) -> None:
+    import time
+
+    import ray
+
+    from embr_rl.run import run
+
+    summary = run(
+        _cfg(
+            tmp_path, base_model, "algo.name=embr_c", "algo.mode=sync",
+            "algo.inner_iterations=3", "learner.total_steps=4", "eval.every=1",
+        )
+    )  # fmt: skip
+    # Evaluations at steps 1-3 force broadcasts inside the first round; its rows stay usable.
+    assert summary["steps"] == 4 and summary["eval/steps"] == [1, 2, 3, 4]
+    assert summary["samples"] == 2 * 8  # two rounds (steps 1-3 and 4)
+    deadline = time.monotonic() + 30
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"]:
+        assert time.monotonic() < deadline, "the run's actors still hold CPUs after it returned"
+        time.sleep(0.5)
