@@ -121,7 +121,7 @@ SCALES: dict[str, Scale] = {
     # evaluation interval 9 (evaluations at steps 0, 9, 18 and 27 for every K).
     "small": Scale(
         "the study: 27 learner steps of 64 rows, 2 workers, 500 test problems, "
-        "evaluated at steps 0, 9, 18, 27",
+        "evaluated before the first step and after the last",
         (
             "rollout.num_workers=2",
             "rollout.prompts_per_batch=4",
@@ -131,7 +131,7 @@ SCALES: dict[str, Scale] = {
             "learner.total_steps=27",
             "eval.limit=500",
         ),
-        eval_every=9,
+        eval_every=0,
     ),
 }
 
@@ -228,10 +228,9 @@ def eval_every(nominal: int, k: int | None) -> int:
     """``nominal`` rounded down to a multiple of the sync round length ``k + 1`` (0: no
     evaluation between the first and the last).
 
-    The driver forces a weight broadcast at every evaluation step; in sync mode that bumps
-    the policy version inside a round, and the buffer (``max_staleness = 0``) then drops the
-    round's rows, so the round's next learner step finds no rows and fails ("cannot build a
-    learner batch from 0 rows"). Evaluating only at round ends avoids that.
+    Evaluating only at round ends keeps every evaluation at a whole number of rounds (the
+    driver keeps a round's rows through a mid-round evaluation since the fix for that, but
+    round ends make the evaluated policies comparable across K).
     """
     if k is None:
         return nominal
