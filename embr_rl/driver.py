@@ -651,6 +651,8 @@ def train(
         return state
 
     source.drain()
+    if isinstance(source, _Rollouts):  # batches that finished during the drain
+        logger.log(state.step, {"rollout/samples_total": float(state.samples)})
     if synced_at != state.step:  # the final evaluation must see the final weights
         sync.broadcast(state, source.live_workers())
     evals.start(state.step, final=True)

@@ -7,6 +7,7 @@ pre-trained once; every job joins the cluster through ``RAY_ADDRESS`` as a user'
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -76,22 +77,52 @@ class Cluster:
             "start", "--head", f"--port={self.gcs}", "--num-cpus=2", "--num-gpus=0",
             "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dash}",
             f"--metrics-export-port={self.metrics}", f"--temp-dir={self.temp}",
+            # Own agent ports: the test session's in-process Ray holds the defaults.
+            f"--dashboard-agent-listen-port={_port()}", f"--dashboard-agent-grpc-port={_port()}",
+            f"--runtime-env-agent-port={_port()}", f"--ray-client-server-port={_port()}",
             "--include-dashboard=true", "--disable-usage-stats",
         )  # fmt: skip
 
     def stop(self) -> None:
-        self.ray("stop", "--force", check=False, timeout=60)
+        """Stop this cluster's processes only (`ray stop` would stop every Ray on the machine,
+        including the test session's own instance)."""
+        import psutil
+
+        mine = []
+        for proc in psutil.process_iter(["cmdline"]):
+            try:
+                if str(self.temp) in " ".join(proc.info["cmdline"] or []):
+                    mine.append(proc)
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+        for proc in mine:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.terminate()
+        _, alive = psutil.wait_procs(mine, timeout=15)
+        for proc in alive:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.kill()
         shutil.rmtree(self.temp, ignore_errors=True)
 
     def submit(self, run_dir: Path, *overrides: str, stop_wait_s: int = 60) -> str:
         """``ray job submit --no-wait``; returns the submission id."""
         runtime_env = {"env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": str(stop_wait_s)}}
-        proc = self.ray(
+        args = (
             "job", "submit", "--address", self.address, "--working-dir", ".", "--no-wait",
             "--runtime-env-json", json.dumps(runtime_env), "--",
             "python", "-m", "embr_rl.run", "configs/demo.yaml", *self.overrides(run_dir),
             *overrides,
         )  # fmt: skip
+        deadline = time.monotonic() + 120
+        while True:  # right after `ray start` the head's job agent may not be up yet
+            proc = self.ray(*args, check=False)
+            if proc.returncode == 0 or time.monotonic() > deadline:
+                break
+            if "No available agent" not in proc.stdout + proc.stderr:
+                break
+            time.sleep(2)
+        if proc.returncode != 0:
+            raise AssertionError(f"ray job submit failed:\n{proc.stdout}\n{proc.stderr[-3000:]}")
         for line in (proc.stdout + proc.stderr).splitlines():
             if "raysubmit_" in line:
                 return "raysubmit_" + line.split("raysubmit_", 1)[1].split()[0].strip("'\".,")
