@@ -658,8 +658,8 @@ def build_report(
     out += [
         "",
         f"`eval.every`: {study.get('eval_every')}, rounded down per run to a multiple of the "
-        "sync round length K+1 (0: evaluated only before the first and after the last step); "
-        "a forced broadcast inside a sync round would empty the buffer (see `eval_every`).",
+        "sync round length K+1 (0: evaluated only before the first and after the last step), "
+        "so every evaluated policy ends a whole round.",
     ]
     out += ["", "Methods (label, algo.name, own overrides):", ""]
     for name, m in study.get("methods", {}).items():
