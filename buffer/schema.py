@@ -135,7 +135,7 @@ def _check_values(name: str, col: pa.ChunkedArray | pa.Array) -> None:
             raise SchemaError(f"column {name!r} row {row}: null token id; allowed: int32 ids")
     elif name == "reward":
         finite = pc.is_finite(col)
-        if not pc.all(finite).as_py():
+        if len(col) and not pc.all(finite).as_py():  # all() of nothing is null, not true
             row = _first_true(pc.invert(finite))
             raise SchemaError(
                 f"column 'reward' row {row}: {col[row].as_py()}; allowed: a finite float"

@@ -258,3 +258,11 @@ def test_sample_returns_the_drawn_rows_in_draw_order_across_many_adds() -> None:
     assert ids_of(buf.sample(500, generator=5)) == expected.tolist()
     drawn = buf.sample(50, generator=6)
     assert drawn.column("completion_ids").to_pylist() == [[4, 5, i % 100] for i in ids_of(drawn)]
+
+
+def test_an_empty_buffer_round_trips_through_save_to(tmp_path: Path) -> None:
+    # A checkpoint taken before the first batch arrived holds an empty buffer.
+    buf = ExperienceBuffer(8)
+    path = buf.save_to(tmp_path / "buffer.parquet")
+    again = ExperienceBuffer(8)
+    assert again.restore(path) == 0 and len(again) == 0
