@@ -32,6 +32,7 @@ class Evaluator:
         from embr_rl.cli import quiet_libraries
         from embr_rl.eval import correctness_scorer
         from embr_rl.models.loader import load_model
+        from embr_rl.models.lora import for_inference
         from embr_rl.tasks import load_task
 
         quiet_libraries()
@@ -39,10 +40,7 @@ class Evaluator:
             torch.set_num_threads(num_threads)
         self.cfg = cfg
         self.loaded = load_model(cfg.model, model_path)
-        if cfg.model.lora.enabled:  # the learner broadcasts adapter weights only
-            from embr_rl.models.lora import wrap_lora
-
-            self.loaded.model = wrap_lora(self.loaded.model, cfg.model.lora).eval()
+        self.loaded.model = for_inference(self.loaded.model, cfg.model.lora)
         problems = load_task(cfg.task, cfg.task.test_split)
         self.problems = problems[: cfg.eval.limit] if cfg.eval.limit is not None else problems
         self.scorer = correctness_scorer(cfg.verifier)

@@ -91,12 +91,10 @@ class RolloutWorker:
         r = cfg.rollout
         if loaded is None:
             from embr_rl.models.loader import load_model
+            from embr_rl.models.lora import for_inference
 
             loaded = load_model(cfg.model)
-            if cfg.model.lora.enabled:  # the learner broadcasts adapter weights only
-                from embr_rl.models.lora import wrap_lora
-
-                loaded.model = wrap_lora(loaded.model, cfg.model.lora).eval()
+            loaded.model = for_inference(loaded.model, cfg.model.lora)
         engine = build_engine(
             r.engine, loaded=loaded, max_batch_size=r.prompts_per_batch * r.group_size
         )

@@ -613,8 +613,6 @@ def train(
     if cfg.eval.at_start and state.step == 0:
         evals.start(0)
         evals.wait()
-    if isinstance(source, OnlineSource):
-        source.start()
 
     synced_at = state.step
     while state.step < total and not stop:

@@ -6,7 +6,6 @@ average) and held-out accuracy against learner step.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -40,8 +39,7 @@ def summary_rows(records: Sequence[dict[str, Any]], wall_seconds: float) -> list
     rows: list[tuple[str, str]] = []
     steps, loss = series(records, "learner/loss")
     rows.append(("learner steps", str(steps[-1] if steps else 0)))
-    _, acc = series(records, "eval/accuracy")
-    acc_steps, _ = series(records, "eval/accuracy")
+    acc_steps, acc = series(records, "eval/accuracy")
     if acc:
         rows.append((f"eval accuracy at step {acc_steps[0]}", f"{acc[0]:.3f}"))
         rows.append((f"eval accuracy at step {acc_steps[-1]}", f"{acc[-1]:.3f}"))
@@ -67,12 +65,9 @@ def summary_rows(records: Sequence[dict[str, Any]], wall_seconds: float) -> list
 
 def read_eval_samples(path: str | os.PathLike[str]) -> dict[str, float]:
     """``{problem id: reward}`` of an evaluator's ``eval/*.jsonl``."""
-    out: dict[str, float] = {}
-    with open(path) as fh:
-        for line in fh:
-            rec = json.loads(line)
-            out[str(rec["id"])] = float(rec["reward"])
-    return out
+    from embr_rl.telemetry import read_jsonl
+
+    return {str(rec["id"]): float(rec["reward"]) for rec in read_jsonl(path)}
 
 
 def paired_flips(before: Mapping[str, float], after: Mapping[str, float]) -> tuple[int, int]:

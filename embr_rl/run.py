@@ -327,6 +327,7 @@ def run(cfg: Config) -> dict[str, Any]:
         )
         _log(f"reward curve: {png}")
     acc_steps, acc = report.series(records, "eval/accuracy")
+    latest = ckpt.latest()
     summary: dict[str, Any] = {
         "model": model_path,
         "task": cfg.task.name,
@@ -341,7 +342,7 @@ def run(cfg: Config) -> dict[str, Any]:
         "eval/steps": acc_steps,
         "eval/fixed_broken": list(flips) if flips else None,
         "stopped_by": None if not stop else stop.signal,
-        "checkpoint": str(ckpt.latest()) if ckpt.latest() else None,
+        "checkpoint": str(latest) if latest else None,
         "wall_seconds": round(wall, 1),
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -54,13 +54,9 @@ class LearnerRank:
     ):
         self.cfg, self.rank, self.world_size, self.factory = cfg, rank, world_size, factory
         self.learner: Any = None
-        threads = max(1, round(cfg.learner.num_cpus_per_rank))
-        try:
-            import torch
+        import torch
 
-            torch.set_num_threads(threads)
-        except RuntimeError:  # already set in this process
-            pass
+        torch.set_num_threads(max(1, round(cfg.learner.num_cpus_per_rank)))
 
     def address(self) -> tuple[str, int]:
         """This node's IP and a free port (asked of rank 0 for the rendezvous)."""

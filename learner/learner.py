@@ -166,9 +166,6 @@ def _device() -> torch.device:
     return torch.device("cpu")
 
 
-_wrap_lora = wrap_lora  # the name tests used before the function moved
-
-
 class Learner:
     """One rank of the learner group: ``train_step``, ``save``/``load``, weight push."""
 

@@ -24,3 +24,9 @@ def wrap_lora(model: nn.Module, lora: Any) -> nn.Module:
         target_modules=list(lora.target_modules),
     )
     return get_peft_model(model, cfg)
+
+
+def for_inference(model: nn.Module, lora: Any) -> nn.Module:
+    """The model a rollout worker or evaluator decodes with: with ``lora.enabled`` it holds
+    the learner's adapter structure, so the learner's adapter-only broadcasts apply."""
+    return wrap_lora(model, lora).eval() if lora.enabled else model

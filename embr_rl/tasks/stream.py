@@ -31,6 +31,12 @@ class PromptStream:
         self._returned: deque[int] = deque()
         self._epoch = -1
         self._order = np.zeros(0, np.int64)
+        self._by_id: dict[str, int] | None = None
+
+    def _index_of(self, problem_id: str) -> int | None:
+        if self._by_id is None:  # built on first need: only failures and resumes use it
+            self._by_id = {p.id: i for i, p in enumerate(self.problems)}
+        return self._by_id.get(problem_id)
 
     def _index(self, k: int) -> int:
         n = len(self.problems)
@@ -57,8 +63,8 @@ class PromptStream:
 
     def give_back(self, problems: Sequence[Problem]) -> None:
         """Return prompts that were taken but not used; they come out first on the next take."""
-        index = {p.id: i for i, p in enumerate(self.problems)} if problems else {}
-        self._returned.extend(index[p.id] for p in problems)
+        found = (self._index_of(p.id) for p in problems)
+        self._returned.extend(i for i in found if i is not None)
 
     def state(self) -> dict[str, Any]:
         """What a checkpoint stores (returned prompts are kept by id so none is skipped)."""
@@ -72,5 +78,5 @@ class PromptStream:
         """Continue from a :meth:`state` of a stream over the same problems."""
         self.position = int(state["position"])
         self.seed = int(state.get("seed", self.seed))
-        index = {p.id: i for i, p in enumerate(self.problems)}
-        self._returned = deque(index[i] for i in state.get("returned", []) if i in index)
+        found = (self._index_of(i) for i in state.get("returned", []))
+        self._returned = deque(i for i in found if i is not None)

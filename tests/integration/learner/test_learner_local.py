@@ -101,12 +101,12 @@ def test_lora_broadcast_sends_adapter_only(one_rank: None) -> None:
     pytest.importorskip("peft")
     import threading
 
-    from learner.learner import _wrap_lora
+    from embr_rl.models.lora import wrap_lora
     from learner.sync import SyncSpec, WeightSyncClient, free_port
 
     lora = LoraConfig(enabled=True, r=4, alpha=8, dropout=0.0)
     learner = Learner(_cfg(), AlgoConfig(name="embr_c", num_mc_samples=2), tiny_policy(), lora=lora)
-    worker = _wrap_lora(tiny_policy().model, lora)
+    worker = wrap_lora(tiny_policy().model, lora)
     client = WeightSyncClient(worker)
     try:
         learner.train_step(rows(0))
