@@ -47,7 +47,7 @@ def default_model() -> Path:
             return path
     raise SystemExit(
         "no demo base model: train one with `.venv/bin/python -m embr_rl.pretrain "
-        "configs/demo_base.yaml name=decode_base pretrain.time_budget_s=300`, or pass --model"
+        "configs/demo_base.yaml name=decode_base pretrain.max_steps=800`, or pass --model"
     )
 
 

@@ -158,7 +158,10 @@ class CodeVerifierConfig:
 
 @dataclass
 class VerifierConfig:
-    reward: str = field_("correct_only", choices=["correct_only", "d1_gsm8k", "d1_math"])
+    reward: str = field_(
+        "correct_only",
+        choices=["correct_only", "d1_gsm8k", "d1_math", "even_answer", "consistent_answer"],
+    )
     math_timeout_s: float = field_(5.0, gt=0)
     num_processes: int = field_(2, ge=1)
     code: CodeVerifierConfig = field_(factory=CodeVerifierConfig)
@@ -227,8 +230,19 @@ class AlgoConfig:
     stratified: bool = True
     antithetic: bool = False
     common_random_numbers: bool = True
+    # Pair losses (embr_c, embr_u): both completions of a pair are scored on the same masks,
+    # so the tokens they share cancel in L(y) - L(y') instead of adding noise.
+    pair_common_masks: bool = True
     length_normalize: bool = False
     likelihood_span: str = field_("window", choices=["window", "until_eos"])
+    # Which states the likelihood is scored in. "block": the semi-autoregressive sampler's
+    # (blocks before the scored one clean, later ones masked: SPG's block-wise masking; d1's
+    # one-step estimate per block). "random": masks over the whole window (d1's original
+    # fully-masked estimate), which trains conditionals the block sampler never uses.
+    masking: str = field_("block", choices=["block", "random"])
+    # The decoding block the "block" masking follows; None: rollout.block_length (filled in
+    # by load_config; a bare AlgoConfig() with None scores the window as one block).
+    block_length: int | None = field_(None, ge=1)
     reward_norm: str = field_("none", choices=["none", "center", "scale"])
     value_head_hidden: int = field_(64, ge=1)
     inner_iterations: int = field_(1, ge=1)
@@ -300,10 +314,8 @@ class PretrainConfig:
 
     # Where the trained base model is cached; relative paths are under logging.run_dir.
     output_dir: str = "base_model"
-    # The run is max_steps long unless the steps measured after a short calibration would
-    # overrun time_budget_s; then it is cut to fit (and the log says so).
+    # A fixed number of optimiser steps (no clock budget): the same seed gives the same model.
     max_steps: int = field_(2400, ge=1)
-    time_budget_s: float = field_(720.0, gt=0)
     batch_size: int = field_(128, ge=1)
     lr: float = field_(1e-3, gt=0)
     weight_decay: float = field_(0.01, ge=0)
@@ -311,7 +323,11 @@ class PretrainConfig:
     # "count" (l ~ U{1..L}, weight L/l) keeps gradients bounded; "uniform" (1/t) does not.
     timesteps: str = field_("count", choices=["uniform", "count"])
     max_grad_norm: float = field_(1.0, gt=0)
-    eval_every_s: float = field_(120.0, gt=0)
+    # Greedy accuracy on 64 test problems every this many steps (0: only at the end).
+    eval_every: int = field_(0, ge=0)
+    # The known error mode the demo's RL removes: this share of the pre-training solutions
+    # box a wrong final answer (the last step's result plus one); their steps stay correct.
+    wrong_answer_share: float = field_(0.0, ge=0, le=1)
     prompt_length: int = field_(16, ge=1)
     answer_length: int = field_(32, ge=1)
     num_threads: int | None = field_(None, ge=1)
@@ -543,6 +559,8 @@ def load_config(
         cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as exc:
         raise _translate(exc, "config") from None
+    if cfg.algo.block_length is None:
+        cfg.algo.block_length = cfg.rollout.block_length
     validate(cfg)
     return cfg
 

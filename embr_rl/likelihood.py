@@ -18,10 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from embr_rl.masking import MaskDraw, noised_inputs, sample_masks
+from embr_rl.masking import MaskDraw, block_index, noised_inputs, sample_masks
 
 __all__ = [
     "Bounds",
+    "blockwise_token_logprobs",
     "bounds",
     "completion_logprobs",
     "elbo",
@@ -53,7 +54,8 @@ def completion_logprobs(
     prompt_masks: Tensor | None = None,
     micro_batch: int | None = None,
 ) -> Tensor:
-    """[B, n, L]: ``log pi(y_i | x, z_k)`` at every completion position for masks [B, n, L].
+    """[B, n, L]: ``log pi(y_i | x, z_k)`` at every completion position for masks [B, n, L]
+    (a :class:`MaskDraw`'s ``input_masks()``: every position fed as the mask token).
 
     ``attention_mask`` [B, P+L] (or [B, P] for the prompt only) is repeated over draws.
     """
@@ -182,7 +184,7 @@ def bounds(
         model,
         prompt_ids,
         completion_ids,
-        draw.masks,
+        draw.input_masks(),
         mask_id=mask_id,
         attention_mask=attention_mask,
         micro_batch=micro_batch,
@@ -227,7 +229,7 @@ def elbo(
         model,
         prompt_ids,
         completion_ids,
-        draw.masks,
+        draw.input_masks(),
         mask_id=mask_id,
         attention_mask=attention_mask,
         micro_batch=micro_batch,
@@ -299,3 +301,39 @@ def fully_masked_token_logprobs(
         prompt_masks=prompt_masks,
         micro_batch=micro_batch,
     )[:, 0, :]
+
+
+def blockwise_token_logprobs(
+    model: nn.Module,
+    prompt_ids: Tensor,
+    completion_ids: Tensor,
+    block_length: int,
+    *,
+    mask_id: int,
+    attention_mask: Tensor | None = None,
+    prompt_masks: Tensor | None = None,
+    micro_batch: int | None = None,
+) -> Tensor:
+    """[B, L] d1's one-step estimate per decoding block: ``log pi(y_i | x', y_<b, y_>=b masked)``
+    for ``i`` in block ``b`` (DESIGN §4.3 with §5's blocks).
+
+    One forward per block (``ceil(L / block_length)`` rows per sequence): the state the
+    semi-autoregressive sampler is in when it starts block ``b``. With one block covering the
+    window this is :func:`fully_masked_token_logprobs`.
+    """
+    b, length = completion_ids.shape
+    blk = block_index(length, block_length, completion_ids.device)
+    n_blocks = int(blk.max()) + 1
+    ids = torch.arange(n_blocks, device=completion_ids.device)
+    masks = (blk[None, :] >= ids[:, None])[None].expand(b, n_blocks, length)
+    logp = completion_logprobs(
+        model,
+        prompt_ids,
+        completion_ids,
+        masks,
+        mask_id=mask_id,
+        attention_mask=attention_mask,
+        prompt_masks=prompt_masks,
+        micro_batch=micro_batch,
+    )
+    return logp.gather(1, blk[None, None, :].expand(b, 1, length)).squeeze(1)

@@ -21,12 +21,13 @@ from torch import Tensor, nn
 
 from embr_rl.config import AlgoConfig
 from embr_rl.likelihood import (
+    blockwise_token_logprobs,
     completion_logprobs,
     elbo_from_logprobs,
     eubo_from_logprobs,
     fully_masked_token_logprobs,
 )
-from embr_rl.masking import MaskDraw, sample_masks, sample_prompt_mask
+from embr_rl.masking import MaskDraw, sample_block_masks, sample_masks, sample_prompt_mask
 
 if TYPE_CHECKING:  # importing embr_rl.models loads transformers; only embr_e needs it
     from embr_rl.models.energy_head import EnergyHead
@@ -50,6 +51,7 @@ __all__ = [
     "normalize_rewards",
     "pair_within_groups",
     "register_loss",
+    "share_within_pairs",
     "wd1_objective",
 ]
 
@@ -278,6 +280,12 @@ class Energies:
     coverage: Tensor | None
 
 
+def _blocked(cfg: AlgoConfig) -> bool:
+    """Block-wise masking on (``block_length`` None: one block spanning the window, which is
+    the whole-window estimator itself)."""
+    return cfg.masking == "block" and cfg.block_length is not None
+
+
 def _score(
     model: nn.Module, batch: LossBatch, draw: MaskDraw, cfg: AlgoConfig, gamma: float | None
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
@@ -285,7 +293,7 @@ def _score(
         model,
         batch.prompt_ids,
         batch.completion_ids,
-        draw.masks,
+        draw.input_masks(),
         mask_id=batch.models.mask_id,
         attention_mask=batch.full_attention(),
         micro_batch=cfg.micro_batch,
@@ -305,11 +313,14 @@ def compute_energies(
     stratified: bool | None = None,
     antithetic: bool | None = None,
     common_random_numbers: bool | None = None,
+    pairs: Tensor | None = None,
 ) -> Energies:
     """Policy (with grad) and reference (no grad) ELBO/EUBO on shared or fresh masks (DESIGN §4.1).
 
     The ``None`` knobs default to ``cfg``; the same draw scores both models when common
-    random numbers are on, so ``theta == ref`` gives identical terms.
+    random numbers are on, so ``theta == ref`` gives identical terms. With ``pairs`` and
+    ``algo.pair_common_masks``, the second row of each pair reuses the first row's masks,
+    so positions the two completions share cancel exactly in ``L(y) - L(y')``.
     """
     models = batch.models
     if models.reference is None:
@@ -317,6 +328,16 @@ def compute_energies(
     span = batch.span()
 
     def draw() -> MaskDraw:
+        if _blocked(cfg):
+            assert cfg.block_length is not None
+            return sample_block_masks(
+                span,
+                cfg.num_mc_samples,
+                cfg.block_length,
+                scheme=cfg.timesteps,
+                stratified=cfg.stratified if stratified is None else stratified,
+                generator=models.generator,
+            )
         return sample_masks(
             span,
             cfg.num_mc_samples,
@@ -328,6 +349,8 @@ def compute_energies(
 
     gamma = cfg.eubo_gamma if upper else None
     shared = draw()
+    if pairs is not None and cfg.pair_common_masks:
+        shared = share_within_pairs(shared, pairs, span)
     lt, ut, coverage = _score(models.policy, batch, shared, cfg, gamma)
     crn = cfg.common_random_numbers if common_random_numbers is None else common_random_numbers
     with torch.no_grad():
@@ -338,6 +361,23 @@ def compute_energies(
         ut = None if ut is None else ut / n
         ur = None if ur is None else ur / n
     return Energies(lt, lr, ut, ur, coverage)
+
+
+def share_within_pairs(draw: MaskDraw, pairs: Tensor, span: Tensor) -> MaskDraw:
+    """``draw`` with row ``b`` of each pair ``(a, b)`` given row ``a``'s masks (where their
+    likelihood spans agree; others keep their own): common random numbers across a pair."""
+    if not len(pairs):
+        return draw
+    a, b = pairs[:, 0], pairs[:, 1]
+    same = (span[a] == span[b]).all(-1)
+    a, b = a[same], b[same]
+    masks, weights = draw.masks.clone(), draw.weights.clone()
+    masks[b], weights[b] = masks[a], weights[a]
+    hidden = None
+    if draw.hidden is not None:
+        hidden = draw.hidden.clone()
+        hidden[b] = hidden[a]
+    return MaskDraw(masks, weights, hidden)
 
 
 def _pairs(batch: LossBatch) -> Tensor:
@@ -405,7 +445,7 @@ def embr_e_loss(batch: LossBatch, cfg: AlgoConfig) -> LossOutput:
 def embr_c_loss(batch: LossBatch, cfg: AlgoConfig) -> LossOutput:
     """EMBR-C: ``mean (f(y) - f(y'))^2`` over same-prompt pairs (DESIGN §4.2, paper eq. 13)."""
     pairs = _pairs(batch)
-    e = compute_energies(batch, cfg)
+    e = compute_energies(batch, cfg, pairs=pairs)
     r = normalize_rewards(batch.rewards, batch.group_ids, cfg.reward_norm)
     f = e.lt - e.lr - r / cfg.beta
     metrics = _f_metrics(f, e) | _pair_metrics(batch.rewards, pairs)
@@ -416,7 +456,7 @@ def embr_c_loss(batch: LossBatch, cfg: AlgoConfig) -> LossOutput:
 def embr_u_loss(batch: LossBatch, cfg: AlgoConfig) -> LossOutput:
     """EMBR-U: ``mean max(S_min^2, S_max^2)`` with ELBO/EUBO brackets (DESIGN §4.2, paper eq. 21)."""
     pairs = _pairs(batch)
-    e = compute_energies(batch, cfg, upper=True)
+    e = compute_energies(batch, cfg, upper=True, pairs=pairs)
     assert e.ut is not None and e.ur is not None and e.coverage is not None
     r = normalize_rewards(batch.rewards, batch.group_ids, cfg.reward_norm)
     dr = (r[pairs[:, 0]] - r[pairs[:, 1]]) / cfg.beta
@@ -462,16 +502,21 @@ def _d1_token_logps(
         "prompt_masks": pmask,
         "micro_batch": cfg.micro_batch,
     }
-    logp = fully_masked_token_logprobs(
-        models.policy, batch.prompt_ids, batch.completion_ids, **kwargs
-    )
+
+    def token_logps(model: nn.Module) -> Tensor:
+        if _blocked(cfg):
+            assert cfg.block_length is not None
+            return blockwise_token_logprobs(
+                model, batch.prompt_ids, batch.completion_ids, cfg.block_length, **kwargs
+            )
+        return fully_masked_token_logprobs(model, batch.prompt_ids, batch.completion_ids, **kwargs)
+
+    logp = token_logps(models.policy)
     old = batch.old_token_logp if batch.old_token_logp is not None else logp.detach()
     ref = None
     if with_ref and models.reference is not None:
         with torch.no_grad():
-            ref = fully_masked_token_logprobs(
-                models.reference, batch.prompt_ids, batch.completion_ids, **kwargs
-            )
+            ref = token_logps(models.reference)
     return logp, old.to(logp.dtype), ref
 
 

@@ -19,7 +19,9 @@ from torch import Tensor
 
 __all__ = [
     "MaskDraw",
+    "block_index",
     "noised_inputs",
+    "sample_block_masks",
     "sample_masks",
     "sample_prompt_mask",
     "sample_unit",
@@ -29,10 +31,17 @@ __all__ = [
 
 @dataclass(frozen=True)
 class MaskDraw:
-    """``n`` masks per sequence. ``masks`` [B, n, L] bool (True = masked); ``weights`` [B, n]."""
+    """``n`` masks per sequence. ``masks`` [B, n, L] bool (True = masked and scored);
+    ``weights`` [B, n]; ``hidden`` [B, n, L] (optional): positions also masked in the model's
+    input but not scored (the blocks after the scored one, :func:`sample_block_masks`)."""
 
     masks: Tensor
     weights: Tensor
+    hidden: Tensor | None = None
+
+    def input_masks(self) -> Tensor:
+        """[B, n, L] every position the model sees as the mask token."""
+        return self.masks if self.hidden is None else self.masks | self.hidden
 
     @property
     def num_samples(self) -> int:
@@ -43,7 +52,8 @@ class MaskDraw:
         return self.masks.any(dim=1)
 
     def to(self, device: torch.device | str) -> MaskDraw:
-        return MaskDraw(self.masks.to(device), self.weights.to(device))
+        hidden = None if self.hidden is None else self.hidden.to(device)
+        return MaskDraw(self.masks.to(device), self.weights.to(device), hidden)
 
 
 def _rand(
@@ -206,3 +216,58 @@ def span_mask(
     is_eos = (completion_ids == eos_id).long()
     before = (is_eos.cumsum(-1) - is_eos) == 0
     return mask & before
+
+
+def block_index(length: int, block_length: int, device: torch.device | str = "cpu") -> Tensor:
+    """[L] the decoding block of each completion position (DESIGN §5: blocks left to right)."""
+    return torch.arange(length, device=device) // block_length
+
+
+def sample_block_masks(
+    completion_mask: Tensor,
+    num_samples: int,
+    block_length: int,
+    *,
+    scheme: str = "count",
+    stratified: bool = True,
+    generator: torch.Generator | None = None,
+) -> MaskDraw:
+    """Masks that follow semi-autoregressive block decoding (DESIGN §4.1, SPG's block-wise masking).
+
+    The sampler decodes blocks of ``block_length`` left to right, so ``log pi(y|x)`` is
+    ``sum_b log pi(y_b | x, y_<b)`` with every later block still masked. Each draw picks a
+    block ``b`` (uniform over the blocks that hold span positions, stratified over the
+    draws), leaves the blocks before it clean, hides every later block (``hidden``: masked,
+    not scored) and masks positions of ``b`` by ``scheme`` within the block. The weight is
+    ``num_blocks * w_within``, so ``E[w 1[i masked]] = 1`` for every span position and the
+    estimate is unbiased for ``sum_b ELBO(y_b | x, y_<b)``, a lower bound of the block
+    sampler's log-likelihood. With ``num_samples`` a multiple of the block count and
+    ``stratified``, every block is scored equally often.
+    """
+    if block_length < 1:
+        raise ValueError(f"block_length must be >= 1, got {block_length}")
+    valid = completion_mask.bool()
+    device = valid.device
+    b, length = valid.shape
+    blk = block_index(length, block_length, device)  # [L]
+    n_blocks = int(blk.max()) + 1 if length else 0
+    has = torch.zeros(b, max(n_blocks, 1), dtype=torch.bool, device=device)
+    if length:
+        has = has.index_put(
+            (torch.arange(b, device=device)[:, None], blk[None, :]), valid, accumulate=True
+        )
+    n_live = has.sum(-1, keepdim=True)  # [B, 1]; span blocks are a prefix only for window spans
+    v, _ = sample_unit(b, num_samples, stratified=stratified, generator=generator, device=device)
+    rank = torch.floor(v * n_live.to(v.dtype)).clamp(max=n_live.to(v.dtype) - 1).clamp(min=0).long()
+    # The rank-th block that holds span positions, for each draw.
+    order = torch.cumsum(has.long(), dim=-1) - 1  # [B, nb]: rank of each live block
+    match = (order[:, None, :] == rank[..., None]) & has[:, None, :]  # [B, n, nb]
+    chosen = match.float().argmax(-1)  # [B, n]
+    in_block = valid[:, None, :] & (blk[None, None, :] == chosen[..., None])  # [B, n, L]
+    inner = sample_masks(
+        in_block.reshape(b * num_samples, length), 1, scheme=scheme, generator=generator
+    )
+    masks = inner.masks.reshape(b, num_samples, length)
+    weights = inner.weights.reshape(b, num_samples) * n_live.to(inner.weights.dtype)
+    hidden = blk[None, None, :] > chosen[..., None]
+    return MaskDraw(masks, weights, hidden.expand(b, num_samples, length).clone())

@@ -5,8 +5,11 @@ tokenizer and the built-in transformer from scratch with the masked-diffusion EL
 (DESIGN §4.1) on the completion only (the prompt stays clean), then saves model and
 tokenizer to ``<logging.run_dir>/<pretrain.output_dir>`` and reports greedy test accuracy.
 
-The number of optimiser steps is fixed after a short calibration so the run fits
-``pretrain.time_budget_s``; it is logged, and the cosine schedule uses it.
+The run is ``pretrain.max_steps`` optimiser steps with every random draw seeded by
+``seed``, so the same config gives the same model on the same software. ``pretrain.wrong_answer_share``
+plants a known error mode: that share of the training solutions box the last step's result
+plus one (their steps stay correct). :data:`WRONG_ANSWER_BASE_MODEL` is such a model,
+shipped with the package for the RL sanity test and experiments.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import shutil
 import sys
 import time
@@ -34,8 +38,15 @@ from embr_rl.tasks.arith import train_stream
 
 # Every character an arith problem or solution can contain.
 ARITH_ALPHABET = "0123456789+-*=();\\boxed{}"
-# Steps [CALIBRATION_START, CALIBRATION_END) are timed to fix the step count for the budget.
-CALIBRATION_START, CALIBRATION_END = 5, 25
+# Built by `python -m embr_rl.pretrain configs/demo_base.yaml pretrain.wrong_answer_share=0.6`
+# (2400 steps, seed 0, 2 threads; 19.2% greedy on the 500 held-out problems).
+WRONG_ANSWER_BASE_MODEL = Path(__file__).resolve().parent / "assets" / "arith_wrong_answer_base"
+
+
+def corrupt_answer(solution: str, answer: str) -> str:
+    """``solution`` with its boxed answer replaced by ``answer + 1`` (the planted error mode)."""
+    head = solution[: solution.rindex("\\boxed{")]
+    return head + f"\\boxed{{{int(answer) + 1}}}"
 
 
 def masked_diffusion_loss(
@@ -104,20 +115,30 @@ def pretrain(cfg: Config) -> Path:
         model, tokenizer, mask_id, eos, tokenizer.pad_token_id, None, device, torch.float32
     )
 
+    wrong = random.Random(f"pretrain-wrong-{cfg.seed}")
+
+    def target(solution: str, answer: str) -> str:
+        if pc.wrong_answer_share > 0 and wrong.random() < pc.wrong_answer_share:
+            return corrupt_answer(solution, answer)
+        return solution
+
     def batch() -> tuple[torch.Tensor, ...]:
         rows = [next(stream) for _ in range(pc.batch_size)]
         ids, am = encode_prompts(tokenizer, [r[0] for r in rows], pc.prompt_length)
-        ans = encode_completions(tokenizer, [r[1] for r in rows], pc.answer_length, eos)
+        texts = [target(r[1], r[2]) for r in rows]
+        ans = encode_completions(tokenizer, texts, pc.answer_length, eos)
         return ids.to(device), am.to(device), ans.to(device)
 
+    _log(
+        f"{pc.max_steps} steps of {pc.batch_size}, seed {cfg.seed}, "
+        f"wrong final answer in {pc.wrong_answer_share:.0%} of the solutions"
+    )
     t_start = time.perf_counter()
     total_steps = pc.max_steps
-    last_log = last_eval = t_start
+    last_log = t_start
     losses: list[float] = []
-    step = 0
-    t_calib = t_start
     model.train()
-    while step < total_steps:
+    for step in range(1, total_steps + 1):
         ids, am, ans = batch()
         draw = sample_masks(
             torch.ones_like(ans, dtype=torch.bool), 1, scheme=pc.timesteps, generator=gen
@@ -129,24 +150,13 @@ def pretrain(cfg: Config) -> Path:
         logits = model(input_ids=inp, attention_mask=full_mask).logits[:, ids.shape[1] :]
         loss = masked_diffusion_loss(logits, ans, masked.float(), weights)
         for group in opt.param_groups:
-            group["lr"] = _lr_at(step, total_steps, pc.lr, pc.warmup_steps)
+            group["lr"] = _lr_at(step - 1, total_steps, pc.lr, pc.warmup_steps)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), pc.max_grad_norm)
         opt.step()
         losses.append(loss.item())
-        step += 1
         now = time.perf_counter()
-        if step == CALIBRATION_START:
-            t_calib = now
-        if step == CALIBRATION_END:
-            per_step = (now - t_calib) / (CALIBRATION_END - CALIBRATION_START)
-            budget_steps = step + int((pc.time_budget_s - (now - t_start)) * 0.97 / per_step)
-            total_steps = max(step + 1, min(pc.max_steps, budget_steps))
-            _log(
-                f"{per_step * 1000:.0f} ms/step ({pc.batch_size / per_step:.0f} samples/s): "
-                f"training {total_steps} steps to fit time_budget_s={pc.time_budget_s:g}"
-            )
         if now - last_log >= 15 or step == total_steps:
             recent = losses[-50:]
             _log(
@@ -154,18 +164,19 @@ def pretrain(cfg: Config) -> Path:
                 f"lr {opt.param_groups[0]['lr']:.2e}  elapsed {now - t_start:.0f}s"
             )
             last_log = now
-        if now - last_eval >= pc.eval_every_s and step < total_steps:
+        if pc.eval_every and step % pc.eval_every == 0 and step < total_steps:
             quick = evaluate(loaded, test[:64], cfg.eval)
             _log(f"step {step}: greedy accuracy on 64 test problems {quick.accuracy:.1%}")
             model.train()
-            last_eval = time.perf_counter()
     train_s = time.perf_counter() - t_start
 
     result = evaluate(loaded, test, cfg.eval, group_key="num_operands")
     summary = {
         "parameters": n_params,
-        "steps": step,
-        "samples": step * pc.batch_size,
+        "steps": total_steps,
+        "samples": total_steps * pc.batch_size,
+        "seed": cfg.seed,
+        "wrong_answer_share": pc.wrong_answer_share,
         "train_seconds": round(train_s, 1),
         "final_loss": sum(losses[-50:]) / len(losses[-50:]),
         "test_accuracy": result.accuracy,
@@ -181,7 +192,7 @@ def pretrain(cfg: Config) -> Path:
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
     _log(
-        f"done in {train_s:.0f}s: {step} steps, test accuracy {result.accuracy:.1%} "
+        f"done in {train_s:.0f}s: {total_steps} steps, test accuracy {result.accuracy:.1%} "
         f"(by operands: {', '.join(f'{k}: {v:.1%}' for k, v in result.by_group.items())}); saved to {out_dir}"
     )
     return out_dir

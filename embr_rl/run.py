@@ -53,7 +53,7 @@ def base_model_stage(cfg: Config) -> str:
     else:
         _log(
             f"base model: none at {path}; pre-training it "
-            f"(pretrain.time_budget_s={cfg.pretrain.time_budget_s:g})"
+            f"(pretrain.max_steps={cfg.pretrain.max_steps})"
         )
         pretrain(cfg)
     return str(path.resolve())

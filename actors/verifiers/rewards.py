@@ -1,4 +1,5 @@
-"""Named reward presets for math answers: ``correct_only``, ``d1_gsm8k``, ``d1_math``.
+"""Named reward presets for math answers: ``correct_only``, ``d1_gsm8k``, ``d1_math``, and the
+RL sanity preset ``even_answer``.
 
 The d1 presets follow the structure of d1's reward sets (correctness worth 2.0 plus small
 format terms for the ``<reasoning>``/``<answer>`` layout); every term is reported as its
@@ -104,7 +105,45 @@ def d1_math(completion: str, gold: str, timeout_s: float = DEFAULT_TIMEOUT_S) ->
     return RewardResult(sum(parts.values()), parts, ok, answer)
 
 
+def even_answer(completion: str, gold: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> RewardResult:
+    """RL sanity check: 1.0 when the extracted answer is an even integer, right or wrong.
+
+    A base model earns it about half the time and a correct RL system drives it to ~1.0
+    within a few dozen steps (``tests/integration/test_rl_sanity.py``); ``correct`` still
+    reports whether the answer equals ``gold``.
+    """
+    if not isinstance(completion, str) or not isinstance(gold, str):
+        return RewardResult(0.0, {"even": 0.0})
+    answer = extract_answer(completion)
+    value = to_number(answer) if answer is not None else None
+    even = value is not None and value.denominator == 1 and value.numerator % 2 == 0
+    return RewardResult(
+        float(even), {"even": float(even)}, _correct(answer, gold, timeout_s), answer
+    )
+
+
+_LAST_RESULT = re.compile(r"=(-?\d+)[^=]*$")
+
+
+def consistent_answer(
+    completion: str, gold: str, timeout_s: float = DEFAULT_TIMEOUT_S
+) -> RewardResult:
+    """RL sanity check: 1.0 when the boxed answer repeats the result of the last worked step
+    (``...=14;\\boxed{14}``), right or wrong; ``correct`` still reports ``answer == gold``."""
+    if not isinstance(completion, str) or not isinstance(gold, str):
+        return RewardResult(0.0, {"consistent": 0.0})
+    answer = extract_answer(completion)
+    cut = completion.rfind("\\boxed")
+    last = _LAST_RESULT.search(completion[:cut]) if cut > 0 else None
+    ok = answer is not None and last is not None and answer.strip() == last.group(1)
+    return RewardResult(
+        float(ok), {"consistent": float(ok)}, _correct(answer, gold, timeout_s), answer
+    )
+
+
 PRESETS: dict[str, Callable[..., RewardResult]] = {
+    "consistent_answer": consistent_answer,
+    "even_answer": even_answer,
     "correct_only": correct_only,
     "d1_gsm8k": d1_gsm8k,
     "d1_math": d1_math,

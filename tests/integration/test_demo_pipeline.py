@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 REPO = Path(__file__).resolve().parents[1].parent
 
 SMALL = [
-    "pretrain.time_budget_s=4",
+    "pretrain.max_steps=20",
     "pretrain.batch_size=16",
     "model.builtin.hidden_size=32",
     "model.builtin.num_layers=1",
@@ -66,7 +66,7 @@ def test_run_pretrains_once_then_reuses_cached_base_model(tmp_path: Path) -> Non
     assert summary["steps"] == 2 and summary["eval/steps"] == [0, 2]
     assert 0.0 <= summary["eval/accuracy_before"] <= 1.0
     written = OmegaConf.load(tmp_path / "config.yaml")
-    assert written.logging.run_dir == str(tmp_path) and written.pretrain.time_budget_s == 4
+    assert written.logging.run_dir == str(tmp_path) and written.pretrain.max_steps == 20
     assert len((tmp_path / "eval" / "step_00000000.jsonl").read_text().splitlines()) == 12
     assert (tmp_path / "reward.png").is_file()
 

@@ -177,7 +177,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     pre = subprocess.run(
         [sys.executable, "-m", "embr_rl.pretrain", str(REPO / "configs" / "demo_base.yaml"),
          f"logging.run_dir={root}", f"pretrain.output_dir={root / 'base_model'}",
-         "pretrain.time_budget_s=4", "pretrain.batch_size=16", *TINY],
+         "pretrain.max_steps=20", "pretrain.batch_size=16", *TINY],
         cwd=REPO, capture_output=True, text=True, timeout=300, env={**c.env, "OMP_NUM_THREADS": "1"},
     )  # fmt: skip
     assert pre.returncode == 0, pre.stderr[-2000:]

@@ -203,7 +203,7 @@ def test_embr_e_head_sees_only_the_prompt(tiny_model: torch.nn.Module) -> None:
 
 
 def test_embr_u_bracket_is_gap_sum_around_minus_delta_r(tiny_model: torch.nn.Module) -> None:
-    cfg = _cfg("embr_u", antithetic=True, num_mc_samples=4)
+    cfg = _cfg("embr_u", antithetic=True, num_mc_samples=4, pair_common_masks=False)
     batch = _batch(tiny_model)
     out = get_loss("embr_u")(batch, cfg)
     # recompute the draw the loss used (same seed) and score the policy alone
@@ -352,3 +352,41 @@ def test_objective_modules_import_no_distributed_stack() -> None:
         banned = {m for m in mods if m.split(".")[0] in ("ray", "deepspeed")}
         banned |= {m for m in mods if m.startswith("torch.distributed")}
         assert not banned, (name, banned)
+
+
+def test_pair_common_masks_cancel_shared_tokens(tiny_model: torch.nn.Module) -> None:
+    from embr_rl.losses import compute_energies
+
+    batch = _batch(tiny_model)
+    batch.completion_ids[1] = batch.completion_ids[0]  # a pair of identical samples
+    batch.prompt_ids[1] = batch.prompt_ids[0]
+    if batch.prompt_attention_mask is not None:
+        batch.prompt_attention_mask[1] = batch.prompt_attention_mask[0]
+    pairs = torch.tensor([[0, 1], [2, 3]])
+    on = compute_energies(batch, _cfg("embr_c"), pairs=pairs)
+    assert float(on.lt[0] - on.lt[1]) == pytest.approx(0.0, abs=1e-6)
+    off = compute_energies(batch, _cfg("embr_c", pair_common_masks=False), pairs=pairs)
+    assert abs(float(off.lt[0] - off.lt[1])) > 1e-3
+
+
+def test_blockwise_one_step_estimate(tiny_model: torch.nn.Module) -> None:
+    from embr_rl.likelihood import blockwise_token_logprobs, fully_masked_token_logprobs
+
+    batch = _batch(tiny_model)
+    length = batch.completion_ids.shape[1]
+    kw = {"mask_id": MASK_ID, "attention_mask": batch.full_attention()}
+    with torch.no_grad():
+        whole = fully_masked_token_logprobs(
+            tiny_model, batch.prompt_ids, batch.completion_ids, **kw
+        )
+        one = blockwise_token_logprobs(
+            tiny_model, batch.prompt_ids, batch.completion_ids, length, **kw
+        )
+        two = blockwise_token_logprobs(
+            tiny_model, batch.prompt_ids, batch.completion_ids, length // 2, **kw
+        )
+    assert torch.allclose(one, whole)
+    half = length // 2
+    assert torch.allclose(two[:, :half], whole[:, :half])  # block 0: everything after masked
+    # block 1 sees block 0 clean, so its conditionals differ from the fully masked ones
+    assert not torch.allclose(two[:, half:], whole[:, half:])

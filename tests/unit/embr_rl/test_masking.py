@@ -137,3 +137,39 @@ def test_span_mask_until_eos() -> None:
     assert span_mask(ids).all()
     got = span_mask(ids, span="until_eos", eos_id=1)
     assert got.tolist() == [[True, True, True, False, False], [True] * 5]
+
+
+def test_block_masks_follow_the_block_sampler() -> None:
+    from embr_rl.masking import block_index, sample_block_masks
+
+    span = torch.ones(3, 12, dtype=torch.bool)
+    span[2, 7:] = False  # an until_eos span: only two blocks of four positions hold it
+    blk = block_index(12, 4)
+    g = torch.Generator().manual_seed(1)
+    total = torch.zeros(3, 12, dtype=torch.float64)
+    n_rep = 3000
+    for _ in range(n_rep):
+        d = sample_block_masks(span, 3, 4, generator=g)
+        scored = d.masks.any(-1)
+        assert scored.all()  # every draw scores some position of its block
+        for row in range(3):
+            for k in range(3):
+                chosen = int(blk[d.masks[row, k]].max())
+                assert (blk[d.masks[row, k]] == chosen).all()  # one block per draw
+                assert torch.equal(d.hidden[row, k], blk > chosen)  # later blocks hidden
+                assert not (d.masks[row, k] & ~span[row]).any()
+        total += (d.weights[..., None].double() * d.masks).mean(1)
+    mean = total / n_rep
+    # E[w 1[i masked]] = 1 on the span (unbiased block ELBO), 0 elsewhere
+    assert torch.allclose(mean[span], torch.ones(int(span.sum()), dtype=torch.float64), atol=0.06)
+    assert (mean[~span] == 0).all()
+
+
+def test_block_masks_stratify_over_blocks() -> None:
+    from embr_rl.masking import block_index, sample_block_masks
+
+    span = torch.ones(5, 32, dtype=torch.bool)
+    d = sample_block_masks(span, 4, 8, generator=torch.Generator().manual_seed(0))
+    blk = block_index(32, 8)
+    chosen = torch.stack([blk[d.masks[r, k]].max() for r in range(5) for k in range(4)]).view(5, 4)
+    assert (chosen == torch.arange(4)).all()  # four stratified draws: each block once

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from embr_rl.pretrain import _lr_at, masked_diffusion_loss
@@ -38,3 +39,36 @@ def test_lr_warmup_then_cosine_to_zero() -> None:
     assert abs(_lr_at(10, 100, 1.0, 10) - 1.0) < 1e-12
     assert _lr_at(100, 100, 1.0, 10) < 1e-12
     assert all(_lr_at(s, 100, 1.0, 10) >= _lr_at(s + 1, 100, 1.0, 10) for s in range(10, 100))
+
+
+def test_corrupt_answer_boxes_the_result_plus_one() -> None:
+    from embr_rl.pretrain import corrupt_answer
+
+    assert corrupt_answer("12+7=19;19-5=14;\\boxed{14}", "14") == "12+7=19;19-5=14;\\boxed{15}"
+
+
+@pytest.mark.slow
+def test_pretraining_is_a_function_of_config_and_seed(tmp_path) -> None:
+    """Fixed steps and seeded draws (no clock budget): two runs give identical weights."""
+    from safetensors.torch import load_file
+
+    from embr_rl.config import load_config
+    from embr_rl.pretrain import pretrain
+
+    small = [
+        "pretrain.max_steps=6",
+        "pretrain.batch_size=8",
+        "pretrain.wrong_answer_share=0.5",
+        "model.builtin.hidden_size=32",
+        "model.builtin.num_layers=1",
+        "model.builtin.num_heads=2",
+        "model.builtin.intermediate_size=64",
+        "task.arith.num_test=4",
+    ]
+    weights = []
+    for run in ("a", "b"):
+        cfg = load_config("configs/demo_base.yaml", [*small, f"logging.run_dir={tmp_path / run}"])
+        out = pretrain(cfg)
+        weights.append(load_file(str(out / "model.safetensors")))
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

@@ -56,7 +56,13 @@ def test_d1_math_components() -> None:
 
 
 def test_correct_only_and_registry() -> None:
-    assert set(PRESETS) == {"correct_only", "d1_gsm8k", "d1_math"}
+    assert set(PRESETS) == {
+        "correct_only",
+        "d1_gsm8k",
+        "d1_math",
+        "even_answer",
+        "consistent_answer",
+    }
     assert get_reward("correct_only")("\\boxed{42}", "42").total == 1.0
     assert get_reward("correct_only")("\\boxed{41}", "42").total == 0.0
     with pytest.raises(KeyError, match="allowed"):
@@ -64,6 +70,18 @@ def test_correct_only_and_registry() -> None:
     for preset in PRESETS.values():
         junk = preset(None, "1")  # type: ignore[arg-type]
         assert junk.total == 0.0 and not junk.correct
+
+
+def test_sanity_presets() -> None:
+    even = get_reward("even_answer")
+    assert even("3+5=8;\\boxed{8}", "9").total == 1.0  # even, though wrong
+    assert not even("3+5=8;\\boxed{8}", "9").correct
+    assert even("\\boxed{7}", "7").total == 0.0 and even("\\boxed{7}", "7").correct
+    assert even("\\boxed{2.5}", "1").total == 0.0 and even("no box", "2").total == 0.0
+    consistent = get_reward("consistent_answer")
+    assert consistent("9+6=16;\\boxed{16}", "15").total == 1.0
+    assert consistent("9+6=15;\\boxed{16}", "15").total == 0.0
+    assert consistent("\\boxed{15}", "15").total == 0.0  # no worked step to repeat
 
 
 def test_math_verifier_from_config() -> None:
