@@ -3,8 +3,8 @@
 The sync mode of :mod:`embr_rl.driver` without actors: generate ``group_size`` completions
 for ``prompts_per_batch`` prompts with the current policy, take ``algo.inner_iterations``
 learner steps on them, copy the weights to the worker, repeat. Every random draw is seeded,
-so a run is bit-reproducible. The RL sanity test and the hyper-parameter sweep
-(``bench/sweep.py``) use it; the distributed job (``python -m embr_rl.run``) does not.
+so a run is bit-reproducible. The RL sanity test and ``python -m embr_rl.local_loop`` (the
+experiments in docs/results.md) use it; the distributed job (``python -m embr_rl.run``) does not.
 """
 
 from __future__ import annotations
@@ -54,13 +54,19 @@ class LocalLoop:
         )
         self.learner = Learner(cfg.learner, cfg.algo, spec, lora=cfg.model.lora, seed=cfg.seed)
         self.worker = RolloutWorker.from_config(cfg, rollout_loaded, seed=cfg.seed)
-        self.buffer = ExperienceBuffer.from_config(cfg.buffer, seed=cfg.seed)
-        self.buffer.max_staleness = 0
+        # As the driver's sync mode: only rows of the newest policy version are drawn.
+        self.buffer = ExperienceBuffer(
+            **ExperienceBuffer.config_kwargs(cfg.buffer, seed=cfg.seed, max_staleness=0)
+        )
         train = problems if problems is not None else load_task(cfg.task, cfg.task.train_split)
         self.stream = PromptStream(train, seed=cfg.seed)
-        self.step = 0
         self.samples = 0
         self.history: list[StepRecord] = []
+
+    @property
+    def step(self) -> int:
+        """Learner steps taken (the policy version the worker holds after a round)."""
+        return self.learner.step
 
     def _broadcast(self) -> None:
         state = {k: v.detach().clone() for k, v in self.learner.policy.state_dict().items()}
@@ -77,7 +83,6 @@ class LocalLoop:
         for _ in range(self.cfg.algo.inner_iterations):
             batch = self.learner.sample_from(self.buffer)
             metrics = self.learner.train_step(batch)
-            self.step += 1
             out.append(StepRecord(self.step, self.samples, reward, metrics))
         self._broadcast()
         self.history.extend(out)
