@@ -223,6 +223,9 @@ class AlgoConfig:
     name: str = field_("embr_c", choices=["embr_e", "embr_c", "embr_u", "d1", "wd1", "dpo", "vrpo"])
     mode: str = field_("online", choices=["online", "sync", "offline"])
     beta: float = field_(0.05, gt=0)
+    # With "block" masking each draw scores one decoding block, stratified over the draws:
+    # a multiple of the number of blocks (rollout.gen_length / block_length, 4 in the demo)
+    # scores every block of every completion in every step.
     num_mc_samples: int = field_(4, ge=1)
     eubo_gamma: float = field_(1.5, ge=1)
     # "count" (l ~ U{1..L}, weight L/l) has finite variance; "uniform" (1/t) does not.
@@ -246,7 +249,10 @@ class AlgoConfig:
     reward_norm: str = field_("none", choices=["none", "center", "scale"])
     value_head_hidden: int = field_(64, ge=1)
     inner_iterations: int = field_(1, ge=1)
-    prompt_mask_prob: float = field_(0.15, ge=0, le=1)
+    # d1's random prompt masking (0.15 in its paper, with 12 inner iterations per batch).
+    # 0 by default: with one learner step per batch it corrupts what the completion answers
+    # (an operand of the arithmetic task), and d1 learnt the sanity reward only without it.
+    prompt_mask_prob: float = field_(0.0, ge=0, le=1)
     clip_eps: float = field_(0.2, gt=0)
     kl_coef: float = field_(0.04, ge=0)
     micro_batch: int = field_(16, ge=1)

@@ -14,6 +14,8 @@ from omegaconf import OmegaConf
 REPO = Path(__file__).resolve().parents[1].parent
 
 SMALL = [
+    # configs/demo.yaml starts from the shipped base model; these tests pre-train a tiny one.
+    "model.path=builtin",
     "pretrain.max_steps=20",
     "pretrain.batch_size=16",
     "model.builtin.hidden_size=32",

@@ -1,26 +1,31 @@
 """RL sanity check: an easy reward the base model earns sometimes must be learned.
 
 Reward ``even_answer`` (1.0 when the boxed answer is an even integer, right or wrong): the
-demo base model earns it on about half of its samples. Every online algorithm must drive
+demo's base model earns it on about half of its samples. Every online algorithm must drive
 the rollout reward from that base rate to at least 95% within 100 learner steps, with its
-default settings (``configs/demo.yaml`` and the algorithm's defaults in ``embr_rl.config``).
-The loop is Algorithm 1 in one process (:class:`embr_rl.local_loop.LocalLoop`), seeded, so
-a failure reproduces exactly.
+default settings (``configs/demo.yaml`` and the algorithm's defaults in ``embr_rl.config``),
+on the demo's 128-row learner batches. The loop is Algorithm 1 in one process
+(:class:`embr_rl.local_loop.LocalLoop`), seeded, so a failure reproduces exactly; the
+algorithms run two at a time in their own processes (one torch thread each).
 """
 
 from __future__ import annotations
+
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 import torch
 
 from embr_rl.config import load_config
 from embr_rl.local_loop import LocalLoop, StepRecord
-from embr_rl.pretrain import WRONG_ANSWER_BASE_MODEL
 from learner.learner import shutdown_distributed
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 TARGET, MAX_STEPS, WINDOW = 0.95, 100, 3
+# Slowest first, so two processes finish together (steps to the bar: docs/results.md).
+ALGOS = ["wd1", "d1", "embr_c", "embr_u", "embr_e"]
 
 
 def _reached(history: list[StepRecord]) -> bool:
@@ -28,25 +33,21 @@ def _reached(history: list[StepRecord]) -> bool:
     return len(recent) == WINDOW and sum(recent) / WINDOW >= TARGET
 
 
-# Not met yet (issue 14): with block-wise masking the gradient reaches the answer tokens, but
-# no algorithm drives this reward to 95% within 100 steps at any learning rate tried (small
-# steps learn slowly, large ones leave the reference and destroy the model); figures in
-# docs/results.md. Not run by default (about 100 s per algorithm); `--runxfail` runs it.
-@pytest.mark.xfail(
-    run=False, strict=True, reason="issue 14: easy reward not yet learned in 100 steps"
-)
-@pytest.mark.parametrize("algo", ["embr_e", "embr_c", "embr_u", "d1", "wd1"])
-def test_easy_reward_is_learned(algo: str) -> None:
+def _curve(algo: str) -> list[float]:
+    """The rollout reward of every learner step until the bar or ``MAX_STEPS``."""
     torch.set_num_threads(1)
     cfg = load_config(
         "configs/demo.yaml",
         [
-            f"model.path={WRONG_ANSWER_BASE_MODEL}",
             f"algo.name={algo}",
             "algo.mode=sync",
             "verifier.reward=even_answer",
             "verifier.num_processes=1",
             "rollout.num_workers=1",
+            # One batch of the demo's online mode (2 workers x 8 prompts) per learner step.
+            "rollout.prompts_per_batch=16",
+            # The demo's step size, held: the demo decays it over its own 150 steps.
+            "learner.lr_schedule=constant",
         ],
     )
     loop = LocalLoop(cfg)
@@ -55,9 +56,31 @@ def test_easy_reward_is_learned(algo: str) -> None:
     finally:
         loop.close()
         shutdown_distributed()
-    rewards = [r.reward for r in history]
-    assert rewards[0] < 0.8, f"the base rate {rewards[0]:.2f} leaves nothing to learn"
-    assert _reached(history), (
-        f"{algo}: reward {rewards[0]:.2f} -> {rewards[-1]:.2f} after {len(history)} steps "
-        f"(needs a mean of {TARGET} over {WINDOW} rounds); curve {[round(r, 2) for r in rewards]}"
+    return [r.reward for r in history]
+
+
+@pytest.fixture(scope="module")
+def curves(request: pytest.FixtureRequest) -> dict[str, list[float] | BaseException]:
+    """Curves of the selected algorithms, two processes at a time."""
+    wanted = {
+        item.callspec.params["algo"]
+        for item in request.session.items
+        if getattr(item, "originalname", "") == "test_easy_reward_is_learned"
+    }
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=2, mp_context=ctx) as pool:
+        futures = {a: pool.submit(_curve, a) for a in ALGOS if a in wanted}
+        return {a: f.exception() or f.result() for a, f in futures.items()}
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+def test_easy_reward_is_learned(algo: str, curves: dict[str, list[float] | BaseException]) -> None:
+    got = curves[algo]
+    if isinstance(got, BaseException):
+        raise got
+    assert got[0] < 0.8, f"the base rate {got[0]:.2f} leaves nothing to learn"
+    recent = got[-WINDOW:]
+    assert len(recent) == WINDOW and sum(recent) / WINDOW >= TARGET, (
+        f"{algo}: reward {got[0]:.2f} -> {got[-1]:.2f} after {len(got)} steps "
+        f"(needs a mean of {TARGET} over {WINDOW} rounds); curve {[round(r, 2) for r in got]}"
     )

@@ -29,6 +29,8 @@ from embr_rl.telemetry import read_jsonl
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 TINY = [
+    # configs/demo.yaml starts from the shipped base model; these tests pre-train a tiny one.
+    "model.path=builtin",
     "model.builtin.hidden_size=32",
     "model.builtin.num_layers=1",
     "model.builtin.num_heads=2",

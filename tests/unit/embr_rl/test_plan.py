@@ -39,7 +39,7 @@ def _built_model(overrides: list[str]):  # type: ignore[no-untyped-def]
     from embr_rl.models.tokenizer import train_char_tokenizer
     from embr_rl.pretrain import ARITH_ALPHABET
 
-    cfg = load_config(REPO / "configs/demo.yaml", overrides)
+    cfg = load_config(REPO / "configs/demo.yaml", ["model.path=builtin", *overrides])
     return cfg, build_builtin_model(cfg.model.builtin, train_char_tokenizer([ARITH_ALPHABET]))
 
 

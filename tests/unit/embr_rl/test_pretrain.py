@@ -72,3 +72,17 @@ def test_pretraining_is_a_function_of_config_and_seed(tmp_path) -> None:
         weights.append(load_file(str(out / "model.safetensors")))
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_shipped_base_model_is_what_demo_base_yaml_builds() -> None:
+    """The shipped model's record names the settings configs/demo_base.yaml rebuilds it with."""
+    import json
+
+    from embr_rl.config import load_config
+    from embr_rl.pretrain import WRONG_ANSWER_BASE_MODEL
+
+    cfg = load_config("configs/demo_base.yaml")
+    record = json.loads((WRONG_ANSWER_BASE_MODEL / "pretrain_summary.json").read_text())
+    built = (record["steps"], record["seed"], record["wrong_answer_share"])
+    assert built == (cfg.pretrain.max_steps, cfg.seed, cfg.pretrain.wrong_answer_share)
+    assert load_config("configs/demo.yaml").model.path.endswith(WRONG_ANSWER_BASE_MODEL.name)
