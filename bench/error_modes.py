@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 import sys
+from pathlib import Path
 
 import torch
 
@@ -28,7 +29,10 @@ _STEP = re.compile(r"=(-?\d+)")
 def main(argv: list[str]) -> int:
     torch.set_num_threads(1)
     path = argv[0] if argv else str(WRONG_ANSWER_BASE_MODEL)
-    cfg = load_config("configs/demo.yaml", [f"model.path={path}"])
+    overrides = [f"model.path={path}"]
+    if not (Path(path) / "tokenizer.json").is_file():  # a learner checkpoint: the base's tokenizer
+        overrides.append(f"model.tokenizer={WRONG_ANSWER_BASE_MODEL}")
+    cfg = load_config("configs/demo.yaml", overrides)
     result = evaluate(load_model(cfg.model), load_task(cfg.task, cfg.task.test_split), cfg.eval)
     counts = dict.fromkeys(("correct", "no_box", "box_is_last_plus_one", "last_step_right"), 0)
     for s in result.samples:
