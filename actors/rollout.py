@@ -5,7 +5,9 @@ behind a :class:`~actors.engines.RolloutEngine` and the policy's weight version;
 batch of problems it decodes ``group_size`` completions per prompt, scores them with the
 problem's verifier on a bounded scoring pool, and returns the rows in the buffer's schema
 (:data:`buffer.schema.SAMPLE_SCHEMA`). New weights are applied between batches, never
-while a batch is being generated.
+while a batch is being generated. With a :class:`BehaviourScorer` the rows also carry the
+sampling policy's per-token log-probabilities (``behaviour_logp``), which d1's importance
+ratios need when a row is trained on after the policy has moved.
 """
 
 from __future__ import annotations
@@ -24,10 +26,54 @@ from actors.engines import DecodeOptions, RolloutEngine, build_engine
 from actors.verifiers import Score, Verifier, build_verifier
 from actors.verifiers.pool import ScoringPool
 from buffer.schema import empty_table, rows_from_dicts
+from embr_rl.losses import d1_token_logprobs
 from embr_rl.models.tokenizer import decode_completions
 from embr_rl.tasks import Problem
 from embr_rl.tasks.prompts import encode_problems
 from learner.sync import SyncSpec, WeightSyncClient
+
+
+class BehaviourScorer:
+    """The sampling policy's per-token log-probs of its own completions, scored right after
+    decoding with the learner's d1 estimator (:func:`embr_rl.losses.d1_token_logprobs`, no
+    prompt masking), so the learner's ratio ``pi_theta / pi_behaviour`` is 1 on fresh rows."""
+
+    def __init__(self, algo: Any, *, mask_id: int, pad_id: int) -> None:
+        self.algo = algo
+        self.mask_id = mask_id
+        self.pad_id = pad_id
+
+    @torch.no_grad()
+    def __call__(
+        self, model: torch.nn.Module, prompts: Sequence[Sequence[int]], completions: torch.Tensor
+    ) -> list[list[float]]:
+        """One list of ``completions.shape[1]`` log-probs per row (prompts left-padded)."""
+        width = max(len(p) for p in prompts)
+        device = completions.device
+        prompt = torch.full((len(prompts), width), self.pad_id, dtype=torch.long, device=device)
+        attn = torch.zeros((len(prompts), width), dtype=torch.long, device=device)
+        for i, p in enumerate(prompts):
+            if p:
+                prompt[i, width - len(p) :] = torch.tensor(list(p), dtype=torch.long)
+                attn[i, width - len(p) :] = 1
+        full = None
+        if not bool(attn.all()):
+            full = torch.cat([attn, torch.ones_like(completions, dtype=attn.dtype)], dim=-1)
+        was_training = model.training
+        model.eval()
+        try:
+            logp = d1_token_logprobs(
+                model,
+                prompt,
+                completions,
+                self.algo,
+                mask_id=self.mask_id,
+                attention_mask=full,
+                prompt_masks=torch.zeros_like(prompt, dtype=torch.bool),
+            )
+        finally:
+            model.train(was_training)
+        return logp.float().cpu().tolist()
 
 
 class RolloutWorker:
@@ -36,6 +82,7 @@ class RolloutWorker:
     ``verifiers`` maps a problem's ``verifier`` name to a :class:`~actors.verifiers.Verifier`;
     names not given are built with :func:`actors.verifiers.build_verifier` from
     ``verifier_cfg`` on first use. ``seed`` makes the sampling of every batch reproducible.
+    ``behaviour`` (None: not recorded) fills the rows' ``behaviour_logp`` column.
     """
 
     def __init__(
@@ -55,6 +102,7 @@ class RolloutWorker:
         worker_id: str = "rollout-0",
         seed: int = 0,
         policy_version: int = 0,
+        behaviour: BehaviourScorer | None = None,
     ) -> None:
         if group_size < 1:
             raise ValueError(f"group_size must be >= 1, got {group_size}")
@@ -81,6 +129,12 @@ class RolloutWorker:
         self._generating = threading.Lock()
         self._metrics: dict[str, float] = {}
         self._sync: WeightSyncClient | None = None
+        self.behaviour = behaviour
+        if behaviour is not None and getattr(engine, "model", None) is None:
+            raise TypeError(
+                f"engine {type(engine).__name__} exposes no torch model to score behaviour "
+                "log-probs with; rollout.record_logprobs needs rollout.engine=torch"
+            )
 
     @staticmethod
     def config_args(
@@ -107,6 +161,11 @@ class RolloutWorker:
             chat_template=cfg.task.chat_template,
             worker_id=worker_id,
             seed=cfg.seed if seed is None else seed,
+            behaviour=BehaviourScorer(
+                cfg.algo, mask_id=loaded.mask_token_id, pad_id=loaded.pad_token_id
+            )
+            if r.record_logprobs
+            else None,
         )
         return (engine, loaded.tokenizer, DecodeOptions.from_config(r)), kwargs
 
@@ -228,8 +287,14 @@ class RolloutWorker:
                 )
                 for i, text in enumerate(texts)
             ]
+            behaviour: list[list[float]] | None = None
+            t_behaviour = 0.0
+            if self.behaviour is not None:
+                t1 = time.perf_counter()
+                behaviour = self.behaviour(self.engine.model, repeated, out.completion_ids)  # type: ignore[attr-defined]
+                t_behaviour = time.perf_counter() - t1
             scores: list[Score] = [f.result() for f in futures]
-            t_score = time.perf_counter() - t0 - t_decode
+            t_score = time.perf_counter() - t0 - t_decode - t_behaviour
         nonce = uuid.uuid4().hex[:12]
         rows = []
         for i, (ids, score) in enumerate(zip(out.completion_ids.tolist(), scores, strict=True)):
@@ -250,7 +315,11 @@ class RolloutWorker:
                     "created_at": created,
                 }
             )
+            if behaviour is not None:
+                rows[-1]["behaviour_logp"] = behaviour[i]
         self._record(out.stats, scores, t_decode, t_score, version, [p.task for p in problems])
+        if behaviour is not None:
+            self._metrics["rollout/behaviour_logp_s"] = t_behaviour
         return rows_from_dicts(rows)
 
     def _record(

@@ -236,7 +236,9 @@ def _tokenise(
 
     records, columns = _records(src)
     created = src.stat().st_mtime
-    out: dict[str, list[Any]] = {name: [] for name in SAMPLE_SCHEMA.names if name != "added_at"}
+    # added_at is stamped by the buffer; behaviour_logp is left empty (no policy drew the rows).
+    skip = ("added_at", "behaviour_logp")
+    out: dict[str, list[Any]] = {name: [] for name in SAMPLE_SCHEMA.names if name not in skip}
     seen_ids: dict[str, str] = {}
     errors: list[str] = []
     skipped = count = 0

@@ -3,7 +3,9 @@
 A row is one completion of one prompt (DESIGN §3). Token ids are ``list<int32>``, reward
 components a ``map<string, float64>``, times are Unix seconds (``float64``).
 ``policy_version < 0`` marks a row that no policy produced (an offline dataset row): it is
-never stale.
+never stale. ``behaviour_logp`` holds the sampling policy's per-token log-probabilities of
+the completion (d1's one-step estimate, ``embr_rl.losses.d1_token_logprobs``) when the
+worker records them (``rollout.record_logprobs``), one per completion token; empty otherwise.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ SAMPLE_SCHEMA = pa.schema(
         pa.field("task", pa.string(), nullable=False),
         pa.field("created_at", pa.float64(), nullable=False),
         pa.field("added_at", pa.float64(), nullable=False),
+        pa.field("behaviour_logp", pa.list_(pa.float32()), nullable=False),
     ]
 )
 COLUMNS: tuple[str, ...] = tuple(SAMPLE_SCHEMA.names)
@@ -43,6 +46,7 @@ DEFAULTED: tuple[str, ...] = (
     "group_id",
     "created_at",
     "added_at",
+    "behaviour_logp",
 )
 _TOKEN_COLUMNS = ("prompt_ids", "completion_ids")
 
@@ -65,6 +69,9 @@ def _default_column(name: str, num_rows: int, table: pa.Table, now: float) -> pa
         return pa.array(["unknown"] * num_rows, pa.string())
     if name == "group_id":
         return table.column("prompt_id")
+    if name == "behaviour_logp":
+        offsets = pa.array(np.zeros(num_rows + 1, dtype=np.int32))
+        return pa.ListArray.from_arrays(offsets, pa.array([], pa.float32()))
     return pa.array(np.full(num_rows, now, dtype=np.float64))
 
 
@@ -186,9 +193,15 @@ def empty_table() -> pa.Table:
 
 
 def token_matrix(
-    table: pa.Table, column: str = "completion_ids", *, pad_id: int = 0, length: int | None = None
+    table: pa.Table,
+    column: str = "completion_ids",
+    *,
+    pad_id: float = 0,
+    length: int | None = None,
+    dtype: type[np.generic] = np.int64,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Pad a token-id column into an ``int64`` matrix ``[rows, length]`` plus the row lengths.
+    """Pad a list column into a ``dtype`` (token ids: ``int64``) matrix ``[rows, length]`` plus
+    the row lengths.
 
     Vectorised over Arrow offsets (no per-row Python), so ``torch.from_numpy`` on the result
     is the learner's whole conversion cost. Rows longer than ``length`` are truncated.
@@ -196,7 +209,7 @@ def token_matrix(
     col = table.column(column).combine_chunks()
     lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False).astype(np.int64)
     width = int(lengths.max(initial=0)) if length is None else length
-    out = np.full((len(lengths), width), pad_id, dtype=np.int64)
+    out = np.full((len(lengths), width), pad_id, dtype=dtype)
     if len(lengths) == 0 or width == 0:
         return out, lengths
     values = pc.list_flatten(col).to_numpy(zero_copy_only=False)

@@ -101,6 +101,8 @@ class ArithConfig:
     allow_negative: bool = False
     num_train: int = field_(200000, ge=1)
     num_test: int = field_(500, ge=1)
+    # Split "validation": hyper-parameter sweeps score here (bench/sweep.py), never on test.
+    num_validation: int = field_(500, ge=1)
     seed: int = 1234
 
 
@@ -138,6 +140,10 @@ class RolloutConfig:
     stop_at_eos: bool = False
     # Ray restarts a dead worker this many times (it then gets the current weights again).
     max_restarts: int = field_(3, ge=0)
+    # Store the sampling policy's per-token log-probs with every row (d1's one-step estimate,
+    # one extra forward per block per batch): d1's importance ratios on stale rows
+    # (algo.inner_iterations > 1, online staleness) are then to the policy that drew them.
+    record_logprobs: bool = False
 
 
 @dataclass
@@ -231,6 +237,8 @@ class AlgoConfig:
     # "count" (l ~ U{1..L}, weight L/l) has finite variance; "uniform" (1/t) does not.
     timesteps: str = field_("count", choices=["uniform", "count"])
     stratified: bool = True
+    # Complementary pairs of draws: with "block" masking both draws of a pair score the same
+    # block and together mask all of it (EMBR-U's bracket then inverts less, docs/objectives.md).
     antithetic: bool = False
     common_random_numbers: bool = True
     # Pair losses (embr_c, embr_u): both completions of a pair are scored on the same masks,
@@ -508,12 +516,26 @@ def _check_relations(cfg: Config) -> None:
             f"bad value for 'rollout.num_workers': 0 with algo.mode={cfg.algo.mode!r}; "
             "allowed: >= 1 (only algo.mode='offline' runs without rollout workers)"
         )
-    if cfg.algo.name == "d1" and cfg.algo.inner_iterations > 1:
+    if cfg.algo.name == "d1" and cfg.algo.inner_iterations > 1 and not cfg.rollout.record_logprobs:
         raise ConfigError(
             f"bad value for 'algo.inner_iterations': {cfg.algo.inner_iterations} with "
-            "algo.name='d1'; allowed: 1 (the rollout engine records no behaviour log-probs, "
-            "so d1's ratio against the sampling policy is only exact for one update)"
+            "algo.name='d1' and rollout.record_logprobs=false; allowed: 1, or set "
+            "rollout.record_logprobs=true (d1's ratio against the sampling policy needs the "
+            "behaviour log-probs recorded at rollout time after the first update)"
         )
+    if cfg.rollout.record_logprobs:
+        if cfg.rollout.engine != "torch":
+            raise ConfigError(
+                f"bad value for 'rollout.record_logprobs': true with rollout.engine="
+                f"{cfg.rollout.engine!r}; allowed: false, or rollout.engine='torch' (the "
+                "behaviour log-probs are d1's estimator run on the worker's torch model)"
+            )
+        if cfg.algo.prompt_mask_prob > 0:
+            raise ConfigError(
+                f"bad value for 'algo.prompt_mask_prob': {cfg.algo.prompt_mask_prob} with "
+                "rollout.record_logprobs=true; allowed: 0 (the recorded log-probs are scored "
+                "on the clean prompt, so d1's ratio must be too)"
+            )
     if cfg.checkpoint.resume not in ("auto", "never") and not cfg.checkpoint.resume:
         raise ConfigError(
             "bad value for 'checkpoint.resume': ''; allowed: 'auto', 'never' or a path"

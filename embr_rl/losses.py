@@ -41,6 +41,7 @@ __all__ = [
     "LossOutput",
     "compute_energies",
     "d1_objective",
+    "d1_token_logprobs",
     "dpo_objective",
     "embr_c_objective",
     "embr_e_objective",
@@ -336,6 +337,7 @@ def compute_energies(
                 cfg.block_length,
                 scheme=cfg.timesteps,
                 stratified=cfg.stratified if stratified is None else stratified,
+                antithetic=cfg.antithetic if antithetic is None else antithetic,
                 generator=models.generator,
             )
         return sample_masks(
@@ -479,6 +481,37 @@ def embr_u_loss(batch: LossBatch, cfg: AlgoConfig) -> LossOutput:
 # --------------------------------------------------------------------------- baselines
 
 
+def d1_token_logprobs(
+    model: nn.Module,
+    prompt_ids: Tensor,
+    completion_ids: Tensor,
+    cfg: AlgoConfig,
+    *,
+    mask_id: int,
+    attention_mask: Tensor | None = None,
+    prompt_masks: Tensor | None = None,
+) -> Tensor:
+    """[B, L] d1's one-step per-token log-probs under ``cfg.masking`` (DESIGN §4.3): one forward
+    per decoding block for ``block``, one fully-masked forward for ``random``.
+
+    The learner scores the current and reference policies with it, and a rollout worker with
+    ``rollout.record_logprobs`` scores the behaviour policy with it at sampling time (the
+    stored ``behaviour_logp`` column), so d1's ratio on stale rows is to the policy that drew them.
+    """
+    kwargs = {
+        "mask_id": mask_id,
+        "attention_mask": attention_mask,
+        "prompt_masks": prompt_masks,
+        "micro_batch": cfg.micro_batch,
+    }
+    if _blocked(cfg):
+        assert cfg.block_length is not None
+        return blockwise_token_logprobs(
+            model, prompt_ids, completion_ids, cfg.block_length, **kwargs
+        )
+    return fully_masked_token_logprobs(model, prompt_ids, completion_ids, **kwargs)
+
+
 def _d1_token_logps(
     batch: LossBatch, cfg: AlgoConfig, with_ref: bool
 ) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -496,20 +529,17 @@ def _d1_token_logps(
             attention_mask=batch.prompt_attention_mask,
             generator=models.generator,
         )
-    kwargs = {
-        "mask_id": models.mask_id,
-        "attention_mask": batch.full_attention(),
-        "prompt_masks": pmask,
-        "micro_batch": cfg.micro_batch,
-    }
 
     def token_logps(model: nn.Module) -> Tensor:
-        if _blocked(cfg):
-            assert cfg.block_length is not None
-            return blockwise_token_logprobs(
-                model, batch.prompt_ids, batch.completion_ids, cfg.block_length, **kwargs
-            )
-        return fully_masked_token_logprobs(model, batch.prompt_ids, batch.completion_ids, **kwargs)
+        return d1_token_logprobs(
+            model,
+            batch.prompt_ids,
+            batch.completion_ids,
+            cfg,
+            mask_id=models.mask_id,
+            attention_mask=batch.full_attention(),
+            prompt_masks=pmask,
+        )
 
     logp = token_logps(models.policy)
     old = batch.old_token_logp if batch.old_token_logp is not None else logp.detach()
@@ -531,6 +561,10 @@ def d1_loss(batch: LossBatch, cfg: AlgoConfig) -> LossOutput:
     )
     metrics = {f"learner/{k}": float(v.detach()) for k, v in stats.items()}
     metrics["learner/adv_abs_mean"] = float(adv.abs().mean())
+    m = batch.span()
+    log_ratio = ((logp.detach() - old) * m).sum() / m.sum().clamp(min=1)
+    metrics["learner/log_ratio_mean"] = float(log_ratio)
+    metrics["learner/behaviour_logp"] = float(batch.old_token_logp is not None)
     return LossOutput(loss, metrics)
 
 

@@ -230,6 +230,7 @@ def sample_block_masks(
     *,
     scheme: str = "count",
     stratified: bool = True,
+    antithetic: bool = False,
     generator: torch.Generator | None = None,
 ) -> MaskDraw:
     """Masks that follow semi-autoregressive block decoding (DESIGN §4.1, SPG's block-wise masking).
@@ -242,7 +243,10 @@ def sample_block_masks(
     ``num_blocks * w_within``, so ``E[w 1[i masked]] = 1`` for every span position and the
     estimate is unbiased for ``sum_b ELBO(y_b | x, y_<b)``, a lower bound of the block
     sampler's log-likelihood. With ``num_samples`` a multiple of the block count and
-    ``stratified``, every block is scored equally often.
+    ``stratified``, every block is scored equally often. ``antithetic``: draws come in pairs
+    ``(2j, 2j+1)`` on the same block, the second masking the complement of the first within
+    it (:func:`sample_masks`' partner, so the pair covers every position of the block; each
+    draw's marginal, hence the unbiasedness, is unchanged); stratification is over the pairs.
     """
     if block_length < 1:
         raise ValueError(f"block_length must be >= 1, got {block_length}")
@@ -257,17 +261,37 @@ def sample_block_masks(
             (torch.arange(b, device=device)[:, None], blk[None, :]), valid, accumulate=True
         )
     n_live = has.sum(-1, keepdim=True)  # [B, 1]; span blocks are a prefix only for window spans
-    v, _ = sample_unit(b, num_samples, stratified=stratified, generator=generator, device=device)
+    v, partner = sample_unit(
+        b,
+        num_samples,
+        stratified=stratified,
+        antithetic=antithetic,
+        generator=generator,
+        device=device,
+    )
     rank = torch.floor(v * n_live.to(v.dtype)).clamp(max=n_live.to(v.dtype) - 1).clamp(min=0).long()
     # The rank-th block that holds span positions, for each draw.
     order = torch.cumsum(has.long(), dim=-1) - 1  # [B, nb]: rank of each live block
     match = (order[:, None, :] == rank[..., None]) & has[:, None, :]  # [B, n, nb]
     chosen = match.float().argmax(-1)  # [B, n]
     in_block = valid[:, None, :] & (blk[None, None, :] == chosen[..., None])  # [B, n, L]
-    inner = sample_masks(
-        in_block.reshape(b * num_samples, length), 1, scheme=scheme, generator=generator
-    )
-    masks = inner.masks.reshape(b, num_samples, length)
-    weights = inner.weights.reshape(b, num_samples) * n_live.to(inner.weights.dtype)
+    pairs = int(partner.sum(-1).max()) if b else 0
+    if pairs:
+        # Pair j's two draws share a block (same base uniform): one antithetic inner draw each.
+        first = in_block[:, 0 : 2 * pairs : 2].reshape(b * pairs, length)
+        inner = sample_masks(first, 2, scheme=scheme, antithetic=True, generator=generator)
+        masks = inner.masks.reshape(b, 2 * pairs, length)
+        weights = inner.weights.reshape(b, 2 * pairs)
+        if num_samples > 2 * pairs:
+            last = sample_masks(in_block[:, -1], 1, scheme=scheme, generator=generator)
+            masks = torch.cat([masks, last.masks], dim=1)
+            weights = torch.cat([weights, last.weights], dim=1)
+    else:
+        inner = sample_masks(
+            in_block.reshape(b * num_samples, length), 1, scheme=scheme, generator=generator
+        )
+        masks = inner.masks.reshape(b, num_samples, length)
+        weights = inner.weights.reshape(b, num_samples)
+    weights = weights * n_live.to(weights.dtype)
     hidden = blk[None, None, :] > chosen[..., None]
     return MaskDraw(masks, weights, hidden.expand(b, num_samples, length).clone())

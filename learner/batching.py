@@ -63,6 +63,7 @@ def rows_to_batch(
         np.asarray(table.column("group_id").to_pylist(), dtype=object), return_inverse=True
     )
     completion = torch.from_numpy(comp)
+    old_logp, prompt_masks = _behaviour_logp(table, lengths, comp.shape[1], prompt.shape)
     mask = span_mask(completion, span=span, eos_id=ids.eos_id, valid=torch.from_numpy(cvalid))
     return LossBatch(
         prompt_ids=torch.from_numpy(prompt).to(device),
@@ -75,7 +76,23 @@ def rows_to_batch(
         else torch.from_numpy(pvalid.astype(np.int64)).to(device),
         completion_mask=None if bool(mask.all()) else mask.to(device),
         pairs=None if pairs is None else pairs.to(device),
+        old_token_logp=None if old_logp is None else old_logp.to(device),
+        prompt_masks=None if prompt_masks is None else prompt_masks.to(device),
     )
+
+
+def _behaviour_logp(
+    table: pa.Table, lengths: np.ndarray, width: int, prompt_shape: tuple[int, ...]
+) -> tuple[Tensor | None, Tensor | None]:
+    """The recorded behaviour log-probs [B, L] with the (empty) prompt masks they were scored
+    with, when every row has one per completion token; otherwise ``(None, None)`` (d1 then
+    takes the current policy as the old one)."""
+    if "behaviour_logp" not in table.column_names:
+        return None, None
+    logp, recorded = token_matrix(table, "behaviour_logp", length=width, dtype=np.float32)
+    if not len(lengths) or not (recorded == lengths).all() or not (lengths > 0).all():
+        return None, None
+    return torch.from_numpy(logp), torch.zeros(prompt_shape, dtype=torch.bool)
 
 
 def pairs_to_batch(

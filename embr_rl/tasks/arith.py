@@ -2,8 +2,10 @@
 
 Problems are chains of integer operations evaluated left to right, e.g. ``12+7-5=``,
 with a worked solution ``12+7=19;19-5=14;\\boxed{14}``. Difficulty grows with the number
-of operands. Train and test problems come from separate seeded streams, and no test
-question appears in training.
+of operands. Train, validation and test problems come from separate seeded streams: no test
+question appears in training or validation, and no validation question is an RL training
+prompt (pre-training, :func:`train_stream`, excludes only the test questions, so the shipped
+base models stay what they were).
 """
 
 from __future__ import annotations
@@ -54,22 +56,40 @@ def _stream(cfg: ArithConfig, rng: random.Random) -> Iterator[tuple[str, str, st
         yield (*make_problem(operands, ops), n)
 
 
-def held_out_questions(cfg: ArithConfig) -> list[tuple[str, str, str, int]]:
-    """The held-out test problems: the first ``num_test`` distinct questions of the test stream."""
+def _distinct(
+    stream: Iterator[tuple[str, str, str, int]], n: int, exclude: set[str]
+) -> list[tuple[str, str, str, int]]:
     seen: dict[str, tuple[str, str, str, int]] = {}
-    stream = _stream(cfg, random.Random(f"arith-test-{cfg.seed}"))
-    limit = 100 * cfg.num_test
-    for _ in range(limit):
+    for _ in range(100 * n):
         q = next(stream)
-        seen.setdefault(q[0], q)
-        if len(seen) == cfg.num_test:
+        if q[0] not in exclude:
+            seen.setdefault(q[0], q)
+        if len(seen) == n:
             break
     return list(seen.values())
 
 
-def train_stream(cfg: ArithConfig, seed: int = 0) -> Iterator[tuple[str, str, str, int]]:
-    """An endless stream of training problems (question, solution, answer, operands), test excluded."""
+def held_out_questions(cfg: ArithConfig) -> list[tuple[str, str, str, int]]:
+    """The held-out test problems: the first ``num_test`` distinct questions of the test stream."""
+    return _distinct(_stream(cfg, random.Random(f"arith-test-{cfg.seed}")), cfg.num_test, set())
+
+
+def validation_questions(cfg: ArithConfig) -> list[tuple[str, str, str, int]]:
+    """The validation problems (hyper-parameter sweeps score on these, never on the test split):
+    the first ``num_validation`` distinct questions of the validation stream not in the test set."""
+    test = {q[0] for q in held_out_questions(cfg)}
+    stream = _stream(cfg, random.Random(f"arith-validation-{cfg.seed}"))
+    return _distinct(stream, cfg.num_validation, test)
+
+
+def train_stream(
+    cfg: ArithConfig, seed: int = 0, *, exclude_validation: bool = False
+) -> Iterator[tuple[str, str, str, int]]:
+    """An endless stream of training problems (question, solution, answer, operands), test
+    excluded, and validation too with ``exclude_validation`` (the RL prompts)."""
     held_out = {q[0] for q in held_out_questions(cfg)}
+    if exclude_validation:
+        held_out |= {q[0] for q in validation_questions(cfg)}
     for q in _stream(cfg, random.Random(f"arith-train-{cfg.seed}-{seed}")):
         if q[0] not in held_out:
             yield q
@@ -90,11 +110,16 @@ def _to_problem(i: int, split: str, q: tuple[str, str, str, int]) -> Problem:
 
 @register_task("arith")
 def load_arith(cfg: TaskConfig, split: str) -> list[Problem]:
-    """``test``: the held-out problems; ``train``: ``num_train`` problems from the train stream."""
+    """``test``: the held-out problems; ``validation``: the sweep's problems; ``train``:
+    ``num_train`` problems from the train stream, neither test nor validation questions."""
     a = cfg.arith
     if split == "test":
         return [_to_problem(i, split, q) for i, q in enumerate(held_out_questions(a))]
+    if split == "validation":
+        return [_to_problem(i, split, q) for i, q in enumerate(validation_questions(a))]
     if split == "train":
-        stream = train_stream(a)
+        stream = train_stream(a, exclude_validation=True)
         return [_to_problem(i, split, next(stream)) for i in range(a.num_train)]
-    raise ValueError(f"unknown split {split!r} for task 'arith'; allowed: 'train', 'test'")
+    raise ValueError(
+        f"unknown split {split!r} for task 'arith'; allowed: 'train', 'validation', 'test'"
+    )

@@ -153,3 +153,96 @@ def test_from_config_builds_engine_verifier_and_options(model, tokenizer, proble
     table = worker.generate(problems[:2])
     worker.close()
     assert table.num_rows == 4 and worker.engine.name == "torch"
+
+
+# --------------------------------------------------------------------------- behaviour log-probs
+
+
+def _behaviour_worker(model, tokenizer, algo):
+    from actors.rollout import BehaviourScorer
+
+    scorer = BehaviourScorer(algo, mask_id=tokenizer.mask_token_id, pad_id=tokenizer.pad_token_id)
+    return _worker(model, tokenizer, seed=2, behaviour=scorer)
+
+
+@pytest.mark.parametrize("masking", ["block", "random"])
+def test_recorded_behaviour_logp_is_the_learners_d1_estimate_on_fresh_rows(
+    model, tokenizer, problems, masking: str
+) -> None:
+    """The ratio d1 takes on a fresh row is 1: the learner's estimate equals the recorded one
+    (prompts of different lengths, so the learner's left padding differs from the worker's)."""
+    from embr_rl.config import AlgoConfig
+    from embr_rl.losses import LossModels, d1_loss, d1_token_logprobs
+    from learner.batching import TokenIds, rows_to_batch
+
+    algo = AlgoConfig(name="d1", block_length=4, masking=masking, kl_coef=0.0)
+    worker = _behaviour_worker(model, tokenizer, algo)
+    table = worker.generate(problems)
+    worker.close()
+    assert all(len(v) == 8 for v in table.column("behaviour_logp").to_pylist())
+    assert "rollout/behaviour_logp_s" in worker.metrics()
+    models = LossModels(policy=model, mask_id=tokenizer.mask_token_id)
+    batch = rows_to_batch(table, models, ids=TokenIds(pad_id=tokenizer.pad_token_id))
+    assert batch.old_token_logp is not None and batch.prompt_masks is not None
+    assert not batch.prompt_masks.any()
+    with torch.no_grad():
+        now = d1_token_logprobs(
+            model,
+            batch.prompt_ids,
+            batch.completion_ids,
+            algo,
+            mask_id=tokenizer.mask_token_id,
+            attention_mask=batch.full_attention(),
+            prompt_masks=batch.prompt_masks,
+        )
+    torch.testing.assert_close(now, batch.old_token_logp, atol=1e-5, rtol=0)
+    assert abs(d1_loss(batch, algo).metrics["learner/log_ratio_mean"]) < 1e-5
+
+
+def test_after_an_update_d1_takes_its_ratio_to_the_recorded_behaviour_policy(
+    model, tokenizer, problems
+) -> None:
+    from dataclasses import replace
+
+    from embr_rl.config import AlgoConfig
+    from embr_rl.losses import LossModels, d1_loss
+    from learner.batching import TokenIds, rows_to_batch
+
+    algo = AlgoConfig(name="d1", block_length=4, kl_coef=0.0, clip_eps=0.05)
+    table = _behaviour_worker(model, tokenizer, algo).generate(problems)
+    moved = copy_with_noise(model)
+    models = LossModels(policy=moved, mask_id=tokenizer.mask_token_id)
+    batch = rows_to_batch(table, models, ids=TokenIds(pad_id=tokenizer.pad_token_id))
+    # Mixed rewards in every group, so the advantages (and the clip) are not all zero.
+    batch = replace(batch, rewards=(torch.arange(len(batch.rewards)) % 2).float())
+    recorded = d1_loss(batch, algo)
+    as_if_fresh = d1_loss(replace(batch, old_token_logp=None, prompt_masks=None), algo)
+    assert recorded.metrics["learner/behaviour_logp"] == 1.0
+    assert abs(recorded.metrics["learner/log_ratio_mean"]) > 1e-3
+    assert as_if_fresh.metrics["learner/log_ratio_mean"] == 0.0
+    assert recorded.metrics["learner/clip_fraction"] > 0.0
+    assert as_if_fresh.metrics["learner/clip_fraction"] == 0.0
+
+
+def copy_with_noise(model: torch.nn.Module) -> torch.nn.Module:
+    import copy
+
+    moved = copy.deepcopy(model)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for p in moved.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return moved
+
+
+def test_rows_without_recorded_logp_leave_d1_on_the_current_policy(
+    model, tokenizer, problems
+) -> None:
+    from embr_rl.losses import LossModels
+    from learner.batching import TokenIds, rows_to_batch
+
+    table = _worker(model, tokenizer).generate(problems[:1])
+    assert set(map(len, table.column("behaviour_logp").to_pylist())) == {0}
+    models = LossModels(policy=model, mask_id=tokenizer.mask_token_id)
+    batch = rows_to_batch(table, models, ids=TokenIds(pad_id=tokenizer.pad_token_id))
+    assert batch.old_token_logp is None and batch.prompt_masks is None

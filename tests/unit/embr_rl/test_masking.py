@@ -165,6 +165,34 @@ def test_block_masks_follow_the_block_sampler() -> None:
     assert (mean[~span] == 0).all()
 
 
+@pytest.mark.parametrize("scheme", ["count", "uniform"])
+def test_antithetic_block_masks_pair_up_within_a_block_and_stay_unbiased(scheme: str) -> None:
+    from embr_rl.masking import block_index, sample_block_masks
+
+    span = torch.ones(3, 12, dtype=torch.bool)
+    span[2, 7:] = False
+    blk = block_index(12, 4)
+    g = torch.Generator().manual_seed(3)
+    total = torch.zeros(3, 12, dtype=torch.float64)
+    n_rep = 3000
+    for _ in range(n_rep):
+        d = sample_block_masks(span, 5, 4, scheme=scheme, antithetic=True, generator=g)
+        for row in range(3):
+            for j in range(2):  # pairs (0, 1), (2, 3); draw 4 is unpaired
+                a, c = d.masks[row, 2 * j], d.masks[row, 2 * j + 1]
+                both = a | c
+                block = int(blk[both].max())
+                assert (blk[both] == block).all()  # one block for the pair
+                assert torch.equal(d.hidden[row, 2 * j], d.hidden[row, 2 * j + 1])
+                assert torch.equal(both, (blk == block) & span[row])  # it covers the block
+        total += (d.weights[..., None].double() * d.masks).mean(1)
+    mean = total / n_rep
+    # "uniform" weights 1/t have infinite variance (the reason "count" is the default).
+    tol = 0.07 if scheme == "count" else 0.15
+    assert torch.allclose(mean[span], torch.ones(int(span.sum()), dtype=torch.float64), atol=tol)
+    assert (mean[~span] == 0).all()
+
+
 def test_block_masks_stratify_over_blocks() -> None:
     from embr_rl.masking import block_index, sample_block_masks
 

@@ -189,6 +189,8 @@ def test_plot_rewards_writes_png(tmp_path: Path) -> None:
         (["algo.mode=offline"], "buffer.offline_path"),
         (["rollout.num_workers=0"], "rollout.num_workers"),
         (["algo.name=d1", "algo.inner_iterations=2"], "algo.inner_iterations"),
+        (["rollout.record_logprobs=true", "rollout.engine=vllm"], "rollout.record_logprobs"),
+        (["rollout.record_logprobs=true", "algo.prompt_mask_prob=0.1"], "algo.prompt_mask_prob"),
         (["rollout.max_restarts=-1"], "rollout.max_restarts"),
         (["buffer.capacity=16", "learner.batch_size=32"], "buffer.capacity"),
     ],
@@ -196,6 +198,13 @@ def test_plot_rewards_writes_png(tmp_path: Path) -> None:
 def test_run_rules_name_the_key(overrides: list[str], key: str) -> None:
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config(None, overrides)
+
+
+def test_d1_takes_stale_updates_when_the_workers_record_behaviour_logprobs() -> None:
+    cfg = load_config(
+        None, ["algo.name=d1", "algo.inner_iterations=3", "rollout.record_logprobs=true"]
+    )
+    assert cfg.algo.inner_iterations == 3 and cfg.rollout.record_logprobs
 
 
 def test_paired_flips_and_exact_sign_test() -> None:

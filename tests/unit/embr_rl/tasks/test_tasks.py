@@ -103,6 +103,26 @@ def test_split_is_seeded_and_disjoint() -> None:
     assert other != test_q
 
 
+def test_validation_split_is_disjoint_from_test_and_from_rl_prompts() -> None:
+    task = TaskConfig(
+        name="arith", arith=ArithConfig(num_train=3000, num_test=200, num_validation=150)
+    )
+    val = load_task(task, "validation")
+    test = load_task(task, "test")
+    train = load_task(task, "train")
+    val_q = {p.question for p in val}
+    assert len(val) == len(val_q) == 150
+    assert all(p.id.startswith("arith-validation-") for p in val)
+    assert not val_q & {p.question for p in test}
+    assert not val_q & {p.question for p in train}
+    assert [p.question for p in load_task(task, "validation")] == [p.question for p in val]
+    # Pre-training's stream excludes only the test questions (the shipped base models' data).
+    stream = train_stream(task.arith)
+    assert val_q & {next(stream)[0] for _ in range(20000)}
+    with pytest.raises(ValueError, match="allowed: 'train', 'validation', 'test'"):
+        load_task(task, "dev")
+
+
 def test_difficulty_by_operand_count() -> None:
     cfg = TaskConfig(name="arith", arith=ArithConfig(min_operands=4, max_operands=4, num_test=50))
     assert {p.metadata["num_operands"] for p in load_task(cfg, "test")} == {4}

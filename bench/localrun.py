@@ -1,0 +1,179 @@
+"""One training run of Algorithm 1 in one process (embr_rl.local_loop), for the sweep and the study.
+
+``run_one(job)`` trains ``configs/demo.yaml`` with the job's ``key=value`` overrides in sync
+mode (no Ray: a seeded run is bit-reproducible), evaluates the policy greedily on the job's
+split at the listed learner steps, and returns a JSON-ready record: the training-reward
+curve, accuracy against step and samples, and every evaluated problem's reward at the last
+evaluation (for paired sign tests). ``run_many`` runs jobs in ``jobs`` spawned processes of
+one torch thread each (2 threads under contention are ~5x slower than 1 on this machine)
+and appends each record to a JSONL file as it finishes, skipping keys already there, so an
+interrupted sweep or study resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+BASE_CONFIG = REPO / "configs" / "demo.yaml"
+
+# Every sweep and study run: Algorithm 1 in sync mode in one process, 16 prompts x 8
+# completions = one 128-row learner batch per step (the demo's batch), one verifier process.
+LOCAL_OVERRIDES: tuple[str, ...] = (
+    "algo.mode=sync",
+    "rollout.num_workers=1",
+    "rollout.prompts_per_batch=16",
+    "verifier.num_processes=1",
+    "logging.progress=never",
+)
+
+
+@dataclass(frozen=True)
+class Job:
+    """One run: its id, overrides of configs/demo.yaml, learner steps, evaluation split and steps."""
+
+    key: str
+    overrides: tuple[str, ...]
+    steps: int
+    eval_split: str
+    eval_at: tuple[int, ...]
+    eval_limit: int | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def run_one(job: Job) -> dict[str, Any]:
+    """Train and evaluate ``job`` in this process; returns its record (``status`` ``done``/``failed``)."""
+    import torch
+
+    torch.set_num_threads(1)
+    from embr_rl.config import load_config
+    from embr_rl.local_loop import LocalLoop
+    from embr_rl.tasks import load_task
+    from learner.learner import shutdown_distributed
+
+    t0 = time.time()
+    record: dict[str, Any] = {"key": job.key, **job.meta, "overrides": list(job.overrides)}
+    try:
+        cfg = load_config(
+            str(BASE_CONFIG),
+            [*LOCAL_OVERRIDES, f"learner.total_steps={max(job.steps, 1)}", *job.overrides],
+        )
+        if job.eval_limit is not None:
+            cfg.eval.limit = job.eval_limit
+        problems = load_task(cfg.task, job.eval_split)
+        if cfg.eval.limit is not None:
+            problems = problems[: cfg.eval.limit]
+        loop = LocalLoop(cfg)
+        rows_per_round = cfg.rollout.prompts_per_batch * cfg.rollout.group_size
+        evals: list[dict[str, Any]] = []
+        rewards: list[float] = []
+        last: dict[str, float] = {}
+
+        def evaluate() -> None:
+            nonlocal last
+            res = loop.evaluate(problems)
+            last = {s["id"]: float(s["reward"]) for s in res.samples}
+            evals.append({"step": loop.step, "samples": loop.samples, "accuracy": res.accuracy})
+
+        if 0 in job.eval_at:
+            evaluate()
+        for target in sorted(s for s in job.eval_at if s > 0):
+            loop.run(min(target, job.steps), log=lambda r: rewards.append(round(r.reward, 4)))
+            evaluate()
+        if loop.step < job.steps:
+            loop.run(job.steps, log=lambda r: rewards.append(round(r.reward, 4)))
+        metrics_tail = loop.history[-1].metrics if loop.history else {}
+        loop.close()
+        shutdown_distributed()
+        record |= {
+            "status": "done",
+            "steps": loop.step,
+            "rows_per_round": rows_per_round,
+            "samples": loop.samples,
+            "reward_curve": rewards,
+            "evals": evals,
+            "final_accuracy": evals[-1]["accuracy"] if evals else None,
+            "final_rewards": last,
+            "last_metrics": {k: round(float(v), 4) for k, v in metrics_tail.items()},
+        }
+    except Exception:
+        record |= {"status": "failed", "error": traceback.format_exc()[-2000:]}
+    record["seconds"] = round(time.time() - t0, 1)
+    return record
+
+
+def done_keys(path: Path) -> set[str]:
+    """Keys of finished runs already in the JSONL file ``path``."""
+    if not path.exists():
+        return set()
+    keys = set()
+    for line in path.read_text().splitlines():
+        if line.strip():
+            r = json.loads(line)
+            if r.get("status") == "done":
+                keys.add(r["key"])
+    return keys
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """Every finished record of ``path`` (the last one wins for a key run twice)."""
+    if not path.exists():
+        return []
+    by_key: dict[str, dict[str, Any]] = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            r = json.loads(line)
+            if r.get("status") == "done":
+                by_key[r["key"]] = r
+    return list(by_key.values())
+
+
+def run_many(
+    jobs: Sequence[Job],
+    out: Path,
+    *,
+    processes: int,
+    log: Callable[[str], None] = print,
+) -> None:
+    """Run the jobs whose keys ``out`` does not yet hold, ``processes`` at a time, appending records."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    finished = done_keys(out)
+    todo = [j for j in jobs if j.key not in finished]
+    log(f"{len(jobs) - len(todo)} of {len(jobs)} runs already in {out}; {len(todo)} to run")
+    if not todo:
+        return
+    env_threads = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    os.environ.update(env_threads)
+    with ProcessPoolExecutor(max_workers=processes, mp_context=get_context("spawn")) as pool:
+        futures = {pool.submit(run_one, j): j for j in todo}
+        for n, fut in enumerate(as_completed(futures), 1):
+            rec = fut.result()
+            with out.open("a") as f:
+                f.write(json.dumps(rec) + "\n")
+            acc = rec.get("final_accuracy")
+            shown = "failed" if rec["status"] != "done" else f"accuracy {acc:.3f}"
+            log(f"[{n}/{len(todo)}] {rec['key']}: {shown} ({rec['seconds']:.0f} s)")
+
+
+def write_block(path: Path, begin: str, end: str, body: str) -> None:
+    """Replace the text between the marker lines ``begin`` and ``end`` of ``path`` with ``body``."""
+    text = path.read_text()
+    if text.count(begin) != 1 or text.count(end) != 1:
+        raise ValueError(f"{path} must hold the markers {begin} ... {end} once each")
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    path.write_text(f"{head}{begin}\n{body}{end}{tail}")
+
+
+def job_dict(job: Job) -> dict[str, Any]:
+    """``job`` as a plain dict (for printing a plan)."""
+    return asdict(job)

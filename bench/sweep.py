@@ -1,0 +1,162 @@
+"""Hyper-parameter sweep per online algorithm, scored on the validation split (never on test).
+
+::
+
+    .venv/bin/python bench/sweep.py --out runs/sweep [--algos embr_c,d1] [--steps 50] [--stages 1]
+    .venv/bin/python bench/sweep.py --out runs/sweep --report-only
+
+Every algorithm gets the same budget: ``--steps`` learner steps of 128 rows per point, 5
+points (3 with ``--stages 1``), one seed. Stage 1 tries three learning rates with the
+algorithm's other settings at their defaults; stage 2, at the stage-1 winner's learning
+rate, tries two values of the algorithm's own main knob (``STAGE2``). The point with the highest greedy accuracy on the
+500 validation problems (``task.test_split=validation``) wins. The run writes
+``<out>/sweep.jsonl`` (one record per point), ``<out>/sweep.md`` (the tables) and
+``bench/tuned.json`` (each algorithm's winning overrides, which bench/repro.py reads);
+``--write-docs`` puts the tables into docs/results.md between its ``sweep:begin``/``sweep:end``
+markers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.localrun import REPO, Job, read_records, run_many, write_block
+
+ALGOS = ("embr_e", "embr_c", "embr_u", "d1", "wd1")
+STAGE1_LRS = ("1.0e-4", "2.0e-4", "4.0e-4")
+# Stage 2: the knob each algorithm is most sensitive to, two values around its default.
+STAGE2: dict[str, tuple[tuple[str, ...], ...]] = {
+    "embr_e": (("algo.beta=0.02",), ("algo.beta=0.1",)),
+    "embr_c": (("algo.beta=0.02",), ("algo.beta=0.1",)),
+    "embr_u": (("algo.beta=0.02",), ("algo.beta=0.1",)),
+    # With one update per batch d1's ratio is 1 and its clip inactive: the KL weight is its knob.
+    "d1": (("algo.kl_coef=0.0",), ("algo.kl_coef=0.2",)),
+    # wd1 has no beta: a larger step and length-normalised log-likelihoods.
+    "wd1": (("learner.lr=8.0e-4",), ("algo.length_normalize=true",)),
+}
+TUNED = REPO / "bench" / "tuned.json"
+DOCS = REPO / "docs" / "results.md"
+BEGIN, END = "<!-- sweep:begin -->", "<!-- sweep:end -->"
+
+
+def _job(algo: str, name: str, overrides: tuple[str, ...], steps: int, stage: int) -> Job:
+    return Job(
+        key=f"{algo}/{name}",
+        overrides=(f"algo.name={algo}", "seed=0", *overrides),
+        steps=steps,
+        eval_split="validation",
+        eval_at=(steps,),
+        meta={"algo": algo, "stage": stage, "point": name},
+    )
+
+
+def stage1(algos: list[str], steps: int) -> list[Job]:
+    """Three learning rates per algorithm."""
+    return [_job(a, f"lr{lr}", (f"learner.lr={lr}",), steps, 1) for a in algos for lr in STAGE1_LRS]
+
+
+def best(records: list[dict[str, Any]], algo: str, stage: int | None = None) -> dict[str, Any]:
+    """The highest-validation-accuracy record of ``algo`` (of ``stage`` when given)."""
+    rows = [r for r in records if r["algo"] == algo and (stage is None or r["stage"] == stage)]
+    if not rows:
+        raise ValueError(f"no finished sweep point for {algo!r}")
+    return max(rows, key=lambda r: (r["final_accuracy"], -r["stage"]))
+
+
+def _lr_of(rec: dict[str, Any]) -> str:
+    return next(o for o in rec["overrides"] if o.startswith("learner.lr=")).split("=", 1)[1]
+
+
+def stage2(algos: list[str], steps: int, records: list[dict[str, Any]]) -> list[Job]:
+    """Each algorithm's own knob at its stage-1 learning rate."""
+    jobs = []
+    for a in algos:
+        lr = _lr_of(best(records, a, stage=1))
+        for knob in STAGE2[a]:
+            extra = (
+                knob
+                if any(k.startswith("learner.lr=") for k in knob)
+                else (
+                    f"learner.lr={lr}",
+                    *knob,
+                )
+            )
+            name = "+".join(k.replace("algo.", "").replace("learner.", "") for k in extra)
+            jobs.append(_job(a, name, tuple(extra), steps, 2))
+    return jobs
+
+
+def tuned_overrides(rec: dict[str, Any]) -> list[str]:
+    """The winning point's overrides, less the algorithm name and seed."""
+    return [o for o in rec["overrides"] if not o.startswith(("algo.name=", "seed="))]
+
+
+def report(records: list[dict[str, Any]], algos: list[str], steps: int) -> str:
+    """Markdown tables of every point and each algorithm's winner."""
+    lines = [
+        f"Validation accuracy (500 validation problems, greedy) after {steps} learner steps of "
+        "128 rows, seed 0, from the shipped base model.",
+        "",
+        "| algorithm | stage | point | validation accuracy | final training reward | seconds |",
+        "|---|---|---|---|---|---|",
+    ]
+    for a in algos:
+        for r in sorted((r for r in records if r["algo"] == a), key=lambda r: r["key"]):
+            tail = r["reward_curve"][-10:]
+            lines.append(
+                f"| {a} | {r['stage']} | {r['point']} | {r['final_accuracy']:.3f} | "
+                f"{sum(tail) / max(len(tail), 1):.3f} | {r['seconds']:.0f} |"
+            )
+    lines += ["", "| algorithm | chosen settings | validation accuracy |", "|---|---|---|"]
+    for a in algos:
+        if any(r["algo"] == a for r in records):
+            b = best(records, a)
+            lines.append(f"| {a} | `{' '.join(tuned_overrides(b))}` | {b['final_accuracy']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--out", type=Path, default=REPO / "runs" / "sweep")
+    p.add_argument("--algos", default=",".join(ALGOS))
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--processes", type=int, default=2)
+    p.add_argument("--stages", type=int, choices=(1, 2), default=2, help="1: learning rates only")
+    p.add_argument("--report-only", action="store_true")
+    p.add_argument("--write-docs", action="store_true", help="the tables into docs/results.md")
+    args = p.parse_args(argv)
+    algos = [a.strip() for a in args.algos.split(",") if a.strip()]
+    bad = [a for a in algos if a not in ALGOS]
+    if bad:
+        p.error(f"unknown algorithm {bad[0]!r}; allowed: {', '.join(ALGOS)}")
+    path = args.out / "sweep.jsonl"
+    if not args.report_only:
+        run_many(stage1(algos, args.steps), path, processes=args.processes)
+        if args.stages == 2:
+            run_many(stage2(algos, args.steps, read_records(path)), path, processes=args.processes)
+    records = read_records(path)
+    (args.out / "sweep.md").write_text(report(records, algos, args.steps))
+    tuned = json.loads(TUNED.read_text()) if TUNED.exists() else {}
+    for a in algos:
+        if any(r["algo"] == a for r in records):
+            b = best(records, a)
+            tuned[a] = {
+                "overrides": tuned_overrides(b),
+                "validation_accuracy": b["final_accuracy"],
+                "steps": args.steps,
+            }
+    TUNED.write_text(json.dumps(tuned, indent=2, sort_keys=True) + "\n")
+    if args.write_docs:
+        write_block(DOCS, BEGIN, END, (args.out / "sweep.md").read_text())
+    print((args.out / "sweep.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
