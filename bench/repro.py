@@ -16,7 +16,7 @@ completions), each method with the overrides the validation sweep chose for it
 - ``online`` (paper Table 1): EMBR-E, EMBR-C, EMBR-U, d1 (diffu-GRPO), wd1, a fresh batch per step.
 - ``stale`` (the off-policy claim): each batch reused for ``K + 1`` updates
   (``algo.inner_iterations``), so the last update trains on samples ``K`` versions old.
-  EMBR runs without importance weights; d1 runs with ratios to the behaviour policy's
+  EMBR-C (the demo's method) runs without importance weights; d1 runs with ratios to the behaviour policy's
   per-token log-probabilities recorded at rollout time (``rollout.record_logprobs``).
 
 Records go to ``<out>/results.jsonl`` (a finished key is skipped, so the study resumes); the
@@ -65,7 +65,6 @@ BASELINES = ("d1", "wd1")
 # The stale setting: d1 needs the behaviour log-probs for its ratios; EMBR needs nothing.
 STALE: dict[str, tuple[str, ...]] = {
     "embr_c": (),
-    "embr_u": (),
     "d1": ("rollout.record_logprobs=true",),
 }
 SETTINGS = ("online", "stale")
