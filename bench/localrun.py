@@ -18,7 +18,7 @@ import time
 import traceback
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -172,8 +172,3 @@ def write_block(path: Path, begin: str, end: str, body: str) -> None:
     head, rest = text.split(begin, 1)
     _, tail = rest.split(end, 1)
     path.write_text(f"{head}{begin}\n{body}{end}{tail}")
-
-
-def job_dict(job: Job) -> dict[str, Any]:
-    """``job`` as a plain dict (for printing a plan)."""
-    return asdict(job)

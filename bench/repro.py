@@ -198,13 +198,12 @@ def samples_to_target(
     return None
 
 
-def verdict(diff: Interval, *, claim_direction: int = 1) -> str:
-    """``held`` when the 95% interval of the difference lies wholly on the claimed side of 0,
-    ``not held`` when wholly on the other side, else ``not resolved at this power``."""
+def verdict(diff: Interval) -> str:
+    """``held`` when the 95% interval of the difference lies wholly above 0, ``not held``
+    when wholly below, else ``not resolved at this power``."""
     if diff.n < 2:
         return "not measurable (one seed)"
-    lo, hi = diff.lo * claim_direction, diff.hi * claim_direction
-    lo, hi = min(lo, hi), max(lo, hi)
+    lo, hi = diff.lo, diff.hi
     if lo > 0:
         return "held"
     if hi < 0:
