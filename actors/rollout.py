@@ -24,7 +24,7 @@ import torch
 
 from actors.engines import DecodeOptions, RolloutEngine, build_engine
 from actors.verifiers import Score, Verifier, build_verifier
-from actors.verifiers.pool import ScoringPool
+from actors.verifiers.pool import ScoringPool, collect
 from buffer.schema import empty_table, rows_from_dicts
 from embr_rl.losses import d1_token_logprobs
 from embr_rl.models.tokenizer import decode_completions
@@ -122,6 +122,7 @@ class RolloutWorker:
         self._verifier_cfg = verifier_cfg
         self._num_scorers = num_scorers
         self._pools: dict[str, ScoringPool] = {}
+        self._score_timeout_s: float | None = getattr(verifier_cfg, "score_timeout_s", None)
         self._version = policy_version
         self._batches = 0
         self._pending: tuple[Mapping[str, torch.Tensor], int] | None = None
@@ -293,7 +294,7 @@ class RolloutWorker:
                 t1 = time.perf_counter()
                 behaviour = self.behaviour(self.engine.model, repeated, out.completion_ids)  # type: ignore[attr-defined]
                 t_behaviour = time.perf_counter() - t1
-            scores: list[Score] = [f.result() for f in futures]
+            scores: list[Score] = collect(futures, self._score_timeout_s)
             t_score = time.perf_counter() - t0 - t_decode - t_behaviour
         nonce = uuid.uuid4().hex[:12]
         rows = []

@@ -169,6 +169,9 @@ class VerifierConfig:
         choices=["correct_only", "d1_gsm8k", "d1_math", "even_answer", "consistent_answer"],
     )
     math_timeout_s: float = field_(5.0, gt=0)
+    # A rollout batch's scorings share this deadline; a sample not scored by then counts as
+    # outcome "timeout" with reward 0 (docs/verifiers.md).
+    score_timeout_s: float = field_(120.0, gt=0)
     num_processes: int = field_(2, ge=1)
     code: CodeVerifierConfig = field_(factory=CodeVerifierConfig)
 
@@ -234,6 +237,11 @@ class AlgoConfig:
     # scores every block of every completion in every step.
     num_mc_samples: int = field_(4, ge=1)
     eubo_gamma: float = field_(1.5, ge=1)
+    # EMBR-U's EUBO (docs/objectives.md). "direct": SPG's tractable form, whose one-draw
+    # terms carry a slack log(weight)/gamma (its bracket is mostly that slack); "gap": the ELBO
+    # plus the self-normalised Jensen gap, never below the ELBO and 0 at a position scored by
+    # one draw only (with block masking a bracket needs >= 2 draws per block).
+    eubo_estimator: str = field_("direct", choices=["direct", "gap"])
     # "count" (l ~ U{1..L}, weight L/l) has finite variance; "uniform" (1/t) does not.
     timesteps: str = field_("count", choices=["uniform", "count"])
     stratified: bool = True

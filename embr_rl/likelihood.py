@@ -91,18 +91,37 @@ def elbo_from_logprobs(logp: Tensor, draw: MaskDraw) -> Tensor:
 
 
 def eubo_from_logprobs(
-    logp: Tensor, draw: MaskDraw, gamma: float, valid: Tensor | None = None
+    logp: Tensor,
+    draw: MaskDraw,
+    gamma: float,
+    valid: Tensor | None = None,
+    estimator: str = "direct",
 ) -> tuple[Tensor, Tensor]:
-    """EUBO estimate [B] and coverage [B] (DESIGN §4.1, SPG's tractable form).
+    """EUBO estimate [B] and coverage [B] (DESIGN §4.1).
 
-    ``U = sum_i (1/gamma) log((1/n) sum_k w_k 1[i masked in z_k] pi(y_i | x, z_k)^gamma)``;
-    positions masked in no draw are left out and the covered sum is rescaled by
-    ``L / covered``.
+    ``"direct"`` (SPG's tractable form):
+    ``U = sum_i (1/gamma) log((1/n) sum_k w_k 1[i masked in z_k] pi(y_i | x, z_k)^gamma)``.
+    ``"gap"``: ``U = L + sum_i G_i`` with ``L`` the ELBO estimate of the same draws and
+    ``G_i = (1/gamma) log sum_k p_ik pi_ik^gamma - sum_k p_ik log pi_ik >= 0`` the Jensen gap
+    under the self-normalised weights ``p_ik = w_k 1[i masked in z_k] / sum_j w_j 1[i masked in z_j]``;
+    both forms converge to the exact EUBO as ``n`` grows, ``"gap"`` never falls below the
+    ELBO, and it is 0 at a position masked in only one draw (one draw has no spread to measure).
+    Positions masked in no draw are left out and the covered sum is rescaled by ``L / covered``.
     """
     n = draw.num_samples
     logw = torch.log(draw.weights.to(logp.dtype))[..., None]  # [B, n, 1]
     terms = torch.where(draw.masks, logw + gamma * logp, torch.full_like(logp, -math.inf))
-    per_pos = (torch.logsumexp(terms, dim=1) - math.log(n)) / gamma  # [B, L]
+    if estimator == "direct":
+        per_pos = (torch.logsumexp(terms, dim=1) - math.log(n)) / gamma  # [B, L]
+    elif estimator == "gap":
+        masked_logw = torch.where(draw.masks, logw, torch.full_like(logp, -math.inf))
+        log_norm = torch.logsumexp(masked_logw, dim=1, keepdim=True)  # [B, 1, L]
+        p = torch.exp(masked_logw - log_norm).nan_to_num(0.0)  # [B, n, L], 0 off the masks
+        geometric = (p * torch.where(draw.masks, logp, torch.zeros_like(logp))).sum(1)
+        power = (torch.logsumexp(terms, dim=1) - log_norm.squeeze(1)) / gamma
+        per_pos = power - geometric
+    else:
+        raise ValueError(f"unknown EUBO estimator {estimator!r}; allowed: 'direct', 'gap'")
     covered = draw.covered()
     if valid is not None:
         covered = covered & valid.bool()
@@ -115,6 +134,8 @@ def eubo_from_logprobs(
     total = torch.where(covered, per_pos, torch.zeros_like(per_pos)).sum(-1)
     scale = torch.where(n_cov > 0, n_valid / n_cov.clamp(min=1.0), torch.zeros_like(n_cov))
     coverage = torch.where(n_valid > 0, n_cov / n_valid.clamp(min=1.0), torch.ones_like(n_cov))
+    if estimator == "gap":
+        return elbo_from_logprobs(logp, draw) + (total * scale).clamp(min=0.0), coverage
     return total * scale, coverage
 
 
@@ -163,6 +184,7 @@ def bounds(
     stratified: bool = False,
     antithetic: bool = False,
     micro_batch: int | None = None,
+    estimator: str = "direct",
 ) -> Bounds:
     """ELBO and EUBO [B] of ``completion_ids`` given ``prompt_ids`` from one set of forwards.
 
@@ -189,7 +211,7 @@ def bounds(
         attention_mask=attention_mask,
         micro_batch=micro_batch,
     )
-    upper, coverage = eubo_from_logprobs(logp, draw, gamma, valid)
+    upper, coverage = eubo_from_logprobs(logp, draw, gamma, valid, estimator)
     return Bounds(elbo_from_logprobs(logp, draw), upper, coverage, draw)
 
 

@@ -302,7 +302,9 @@ def _score(
     lower = elbo_from_logprobs(logp, draw)
     if gamma is None:
         return lower, None, None
-    upper, coverage = eubo_from_logprobs(logp, draw, gamma, batch.span())
+    upper, coverage = eubo_from_logprobs(
+        logp, draw, gamma, batch.span(), estimator=cfg.eubo_estimator
+    )
     return lower, upper, coverage
 
 

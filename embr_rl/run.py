@@ -22,6 +22,7 @@ A bad key, type or value exits with status 2 and a message naming it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -30,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from embr_rl.cli import quiet_libraries
+from embr_rl.cli import local_cluster_auth, quiet_libraries
 from embr_rl.config import Config, ConfigError, load_config, save_config
 from embr_rl.models.loader import ModelLoadError
 from embr_rl.pretrain import base_model_dir, is_trained, pretrain
@@ -81,7 +82,12 @@ def start_ray(cfg: Config) -> str:
         ray.init(address=address, namespace=cfg.cluster.namespace, log_to_driver=True, **kwargs)
         _log(f"joined the Ray cluster at {address} (namespace {cfg.cluster.namespace})")
         return "joined"
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local dashboard without a token
+    auth = local_cluster_auth()
+    if auth != "token":
+        _log(
+            f"RAY_AUTH_MODE={auth}: this local cluster accepts clients from anyone who can "
+            "reach this machine's network ports (docs/deploy.md)"
+        )
     c = cfg.cluster
     ray.init(
         address="local",
@@ -93,14 +99,25 @@ def start_ray(cfg: Config) -> str:
         dashboard_port=c.dashboard_port,
         log_to_driver=True,
     )
+    if auth == "token":
+        _private_token_file()
     ctx = ray.get_runtime_context()
     url = getattr(ray.worker.global_worker.node, "webui_url", None) if c.dashboard else None
     _log(
         f"started a local Ray cluster ({ray.cluster_resources().get('CPU', 0):g} CPUs"
         + (f", dashboard http://{url}" if url else "")
+        + (" (its token: `ray get-auth-token`)" if url and auth == "token" else "")
         + f", job {ctx.get_job_id()})"
     )
     return "local"
+
+
+def _private_token_file() -> None:
+    """Ray writes ``~/.ray/auth_token`` readable by every local user; make it the owner's."""
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    with contextlib.suppress(OSError):
+        if path.stat().st_mode & 0o077:
+            path.chmod(0o600)
 
 
 def check_resources(cfg: Config, local: bool) -> None:

@@ -177,12 +177,14 @@ class CodeVerifier:
         if not isinstance(test, str) or not isinstance(entry, str):
             return Score(0.0, {"tests": 0.0}, "no_reference")
         prompt = _get(reference, "prompt")
-        program = extract_code(completion, prompt if isinstance(prompt, str) else "", entry)
+        prompt = prompt if isinstance(prompt, str) else ""
+        program = extract_code(completion, prompt, entry)
         res = run_tests(
             program,
             test,
             entry,
             self.timeout_s,
+            prompt=prompt,
             mode=self.isolation,
             limits=self.limits,
             all_asserts=self.reward == "fraction",

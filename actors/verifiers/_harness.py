@@ -1,13 +1,13 @@
-"""Runs one program and its tests inside the sandbox (executed by ``python -I -S``).
+"""The candidate's side of a sandboxed run (executed by ``python -I -S`` inside the sandbox).
 
-Standard library only: it runs under whatever interpreter the sandbox can see. The
-parent passes a job file path as ``argv[1]``. Events go to the result descriptor as JSON
-lines. The last event (``done``, ``failed``, ``error``, ``memory`` or ``exit``) carries the
-secret token, which the harness reads from its own pipe only once the untrusted code has
-stopped; the parent ignores every event without it.
+Standard library only. It holds nothing about the job but the program: it reads the program
+and then one call at a time from the request descriptor (``argv[1]``), runs the candidate
+function, and answers each call with its return value as plain data (:mod:`_plain`) on the
+reply descriptor (``argv[2]``). The tests, their expected values and the verdict live in the
+judge, another process (:mod:`_judge`); whatever the program does to this process, all it can
+send is a return value. ``argv[3]`` holds the resource limits as JSON.
 """
 
-import ast
 import builtins
 import contextlib
 import json
@@ -15,165 +15,89 @@ import os
 import resource
 import sys
 
-_PLAIN = (type(None), bool, int, float, complex, str, bytes, list, tuple, dict, set, frozenset)
-_CONTAINERS = (list, tuple, set, frozenset)
-
-
-def _is_plain(value: object) -> bool:
-    """True when ``value`` is built only from builtin types (no custom ``__eq__``)."""
-    stack = [value]
-    seen = 0
-    while stack:
-        item = stack.pop()
-        seen += 1
-        if seen > 1_000_000:
-            return False
-        kind = type(item)
-        if kind not in _PLAIN:
-            return False
-        if kind in _CONTAINERS:
-            stack.extend(item)
-        elif kind is dict:
-            stack.extend(item.keys())
-            stack.extend(item.values())
-    return True
-
-
-class _AssertRewriter(ast.NodeTransformer):
-    """``assert t, m`` -> ``if __embr_fail__(t): raise AssertionError(m)`` (or no raise)."""
-
-    def __init__(self, keep_going: bool) -> None:
-        self.keep_going = keep_going
-        self.count = 0
-
-    def visit_Assert(self, node: ast.Assert) -> ast.stmt:
-        self.count += 1
-        call = ast.Call(ast.Name("__embr_fail__", ast.Load()), [node.test], [])
-        if self.keep_going:
-            new: ast.stmt = ast.Expr(call)
-        else:
-            exc = ast.Call(
-                ast.Name("AssertionError", ast.Load()), [node.msg] if node.msg else [], []
-            )
-            new = ast.If(call, [ast.Raise(exc, None)], [])
-        return ast.copy_location(new, node)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _plain
 
 
 def main() -> None:
-    with open(sys.argv[1]) as fh:
-        job = json.load(fh)
-    out_fd = job["result_fd"]
-    token_fd = job["token_fd"]
-    # Bound now: the program may replace os.read/os.write/os._exit on the shared module.
-    read, write, dumps, exit_ = os.read, os.write, json.dumps, os._exit
+    req_fd, rep_fd = int(sys.argv[1]), int(sys.argv[2])
+    limits = json.loads(sys.argv[3])
+    # Bound now: the program may replace them on the shared modules.
+    read, write, encode, decode, exit_ = os.read, os.write, _plain.encode, _plain.decode, os._exit
+    streams = (sys.stdout, sys.stderr)
+    buffer = bytearray()
 
-    def report(event: str, **kw: object) -> None:
-        with contextlib.suppress(Exception):
-            write(out_fd, (dumps({"event": event, **kw}) + "\n").encode())
+    def leave(code: int) -> None:
+        for stream in streams:  # the captured output, as far as the program printed it
+            with contextlib.suppress(BaseException):
+                stream.flush()
+        exit_(code)
 
-    def final(event: str, **kw: object) -> None:
-        """The last event, authenticated with the token (read only now, after the
-        untrusted code has stopped running), then exit."""
+    def receive() -> object:
+        while b"\n" not in buffer:
+            chunk = read(req_fd, 1 << 16)
+            if not chunk:
+                leave(0)  # the judge is done
+            buffer.extend(chunk)
+        cut = buffer.index(b"\n") + 1
+        line = bytes(buffer[:cut])
+        del buffer[:cut]
+        return decode(line)
+
+    def send(*message: object) -> None:
         try:
-            token = read(token_fd, 256).decode()
-        except Exception:
-            token = ""
-        report(event, token=token, **kw)
-        exit_(0 if event == "done" else 1)
+            data = encode(message)
+        except (TypeError, ValueError, RecursionError) as exc:
+            data = encode(("raised", type(exc).__name__, str(exc)[:300]))
+        view = memoryview(data)
+        while view:
+            view = view[write(rep_fd, view) :]
 
-    def fail(event: str, phase: str, exc: BaseException, **kw: object) -> None:
-        final(event, phase=phase, type=type(exc).__name__, msg=str(exc)[:500], **kw)
-
-    lim = job["limits"]
     for name, value in (
-        ("RLIMIT_CPU", lim["cpu_s"]),
-        ("RLIMIT_AS", lim["memory_bytes"]),
-        ("RLIMIT_FSIZE", lim["file_bytes"]),
-        ("RLIMIT_NOFILE", lim["open_files"]),
-        ("RLIMIT_NPROC", lim["processes"]),
+        ("RLIMIT_CPU", limits["cpu_s"]),
+        ("RLIMIT_AS", limits["memory_bytes"]),
+        ("RLIMIT_FSIZE", limits["file_bytes"]),
+        ("RLIMIT_NOFILE", limits["open_files"]),
+        ("RLIMIT_NPROC", limits["processes"]),
         ("RLIMIT_CORE", 0),
     ):
         hard = value + 1 if name == "RLIMIT_CPU" else value
         resource.setrlimit(getattr(resource, name), (value, hard))
-    report("start")
 
+    program, entry = receive()  # type: ignore[misc]
     ns: dict = {"__name__": "__embr_program__", "__builtins__": builtins}
-    saved_builtins = dict(builtins.__dict__)
-    saved_modules = dict(sys.modules)
     try:
-        code = compile(job["program"], "<program>", "exec")
-    except BaseException as exc:
-        fail("error", "program", exc)
-    try:
-        exec(code, ns)
-    except SystemExit as exc:
-        fail("exit", "program", exc)
+        exec(compile(program, "<program>", "exec"), ns)  # type: ignore[arg-type]
+        candidate = ns.get(entry)  # type: ignore[call-overload]
+        if not callable(candidate):
+            raise NameError(f"{entry!r} is not defined")
+    except SystemExit:
+        send("error", "exit", "SystemExit", "the program exited")
+        leave(1)
     except MemoryError as exc:
-        fail("memory", "program", exc)
+        send("error", "memory", "MemoryError", str(exc)[:300])
+        leave(1)
     except BaseException as exc:
-        fail("error", "program", exc)
-
-    # Undo what the program may have done to the environment the tests rely on.
-    sys.settrace(None)
-    sys.setprofile(None)
-    builtins.__dict__.clear()
-    builtins.__dict__.update(saved_builtins)
-    for mod in [m for m in sys.modules if m not in saved_modules]:
-        del sys.modules[mod]
-    sys.modules.update(saved_modules)
-    entry = job["entry_point"]
-    for name in [n for n in ns if n in saved_builtins and n != entry and n != "__builtins__"]:
-        del ns[name]
-    ns["__builtins__"] = builtins
-
-    candidate = ns.get(entry)
-    if not callable(candidate):
-        final("error", phase="program", type="NameError", msg=f"{entry!r} is not defined")
-
-    counts = {"passed": 0, "failed": 0}
-
-    def embr_fail(test: object) -> bool:
-        ok = bool(test)
-        counts["passed" if ok else "failed"] += 1
-        return not ok
-
-    def guarded(*args: object, **kwargs: object) -> object:
-        result = candidate(*args, **kwargs)
-        if not _is_plain(result):
-            raise TypeError(
-                f"candidate returned a non-builtin object of type {type(result).__name__}"
-            )
-        return result
-
-    guarded.__name__ = getattr(candidate, "__name__", entry)
-    guarded.__doc__ = getattr(candidate, "__doc__", None)
-
-    try:
-        tree = ast.parse(job["test"], "<test>")
-        rewriter = _AssertRewriter(job["all_asserts"])
-        tree = ast.fix_missing_locations(rewriter.visit(tree))
-        test_code = compile(tree, "<test>", "exec")
-    except BaseException as exc:
-        fail("error", "test", exc)
-    ns["__embr_fail__"] = embr_fail
-    try:
-        exec(test_code, ns)
-        check = ns["check"]
-        check(guarded)
-    except SystemExit as exc:
-        fail("exit", "check", exc, **counts, static=rewriter.count)
-    except MemoryError as exc:
-        fail("memory", "check", exc, **counts, static=rewriter.count)
-    except AssertionError as exc:
-        fail("failed", "check", exc, **counts, static=rewriter.count)
-    except BaseException as exc:
-        fail("error", "check", exc, **counts, static=rewriter.count)
-
-    if counts["failed"]:
-        final(
-            "failed", phase="check", type="AssertionError", msg="", **counts, static=rewriter.count
-        )
-    final("done", **counts, static=rewriter.count)
+        send("error", "error", type(exc).__name__, str(exc)[:300])
+        leave(1)
+    send("ready")
+    while True:
+        args, kwargs = receive()  # type: ignore[misc]
+        try:
+            value = candidate(*args, **kwargs)  # type: ignore[operator]
+        except SystemExit:
+            send("error", "exit", "SystemExit", "the candidate exited")
+            leave(1)
+        except MemoryError as exc:
+            send("error", "memory", "MemoryError", str(exc)[:300])
+            leave(1)
+        except RecursionError as exc:
+            send("raised", "RecursionError", str(exc)[:300])
+            continue
+        except BaseException as exc:
+            send("raised", type(exc).__name__, str(exc)[:300])
+            continue
+        send("value", value)
 
 
 if __name__ == "__main__":

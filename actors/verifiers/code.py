@@ -16,15 +16,18 @@ a wall-clock timeout that kills the whole process tree, stdin on ``/dev/null``, 
 the scorer is root, a fresh unprivileged uid per run (so the process limit is enforced and
 the program cannot signal or write anything the caller owns).
 
-"Passed" is decided by a secret token that the harness writes to a separate descriptor
-only after ``check`` returns; the program's stdout, exit code and exit tricks cannot
-produce it.
+The verdict is decided outside the sandbox. Only the program and a small call server
+(``_harness.py``) run inside it; the tests run in a separate judge process
+(``_judge.py``) whose ``check`` calls the candidate through a pipe, one call at a time,
+with arguments and return values as plain builtin data (``_plain.py``). The sandbox holds
+no test, no expected value, no token and no reporting channel, so nothing the program does
+to its own process, its output or its exit can produce a pass: all it can send is a return
+value, which the judge compares itself.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hmac
 import json
 import os
 import secrets
@@ -44,7 +47,11 @@ from typing import Any
 
 STATUSES = ("passed", "failed", "error", "timeout", "memory", "killed", "sandbox_error")
 MODES = ("auto", "bwrap", "unshare", "rlimit")
-_HARNESS = Path(__file__).with_name("_harness.py")
+_HERE = Path(__file__).parent
+# The judge stops itself at the run's timeout; this much more before it is killed.
+_JUDGE_GRACE_S = 2.0
+# After the verdict, the candidate gets this long to flush its output and exit.
+_EXIT_GRACE_S = 1.0
 _SANDBOX_UID = 1000
 SANDBOX_UID_BASE = 0x40000000
 
@@ -67,6 +74,7 @@ class SandboxLimits:
     max_open_files: int = 64
     tmpfs_mb: int = 64
     max_output_chars: int = 4096
+    max_reply_mb: int = 16
 
 
 @dataclass
@@ -139,6 +147,11 @@ def _bwrap_cmd(python: str, task_dir: str, limits: SandboxLimits) -> list[str]:
         "--dev", "/dev",
         "--size", str(limits.tmpfs_mb << 20),
         "--tmpfs", "/tmp",
+        # bwrap's /dev is an unbounded writable tmpfs (with /dev/shm in it): a bounded
+        # /dev/shm of its own, and /dev itself read-only (its device nodes still work).
+        "--size", str(limits.tmpfs_mb << 20),
+        "--tmpfs", "/dev/shm",
+        "--remount-ro", "/dev",
         "--ro-bind", task_dir, "/task",
         "--chdir", "/tmp",
         "--uid", str(_SANDBOX_UID),
@@ -322,8 +335,12 @@ def run_tests(
     limits: SandboxLimits | None = None,
     all_asserts: bool = False,
     python: str | None = None,
+    prompt: str = "",
 ) -> CodeResult:
-    """Run ``program``, then ``test``, then ``check(entry_point)`` in a sandbox.
+    """Run ``check(entry_point)`` of ``test`` in the judge against ``program`` in a sandbox.
+
+    ``prompt`` (trusted, e.g. HumanEval's prompt) runs in the judge before ``test``, so the
+    tests find the helpers it defines; ``program`` runs only in the sandbox.
 
     ``all_asserts=True`` keeps going after a failed ``assert`` so that ``fraction`` counts
     every assert; otherwise the first failure stops the check. Never raises on bad input
@@ -331,8 +348,10 @@ def run_tests(
     ``require_isolation`` cannot be met.
     """
     start = time.monotonic()
-    if not all(isinstance(x, str) for x in (program, test, entry_point)):
-        return CodeResult(False, "error", message="program, test and entry_point must be strings")
+    if not all(isinstance(x, str) for x in (program, test, entry_point, prompt)):
+        return CodeResult(
+            False, "error", message="program, test, entry_point and prompt must be strings"
+        )
     if not entry_point.isidentifier():
         return CodeResult(False, "error", message=f"bad entry point {entry_point!r}")
     limits = limits or SandboxLimits()
@@ -347,7 +366,15 @@ def run_tests(
         )
     try:
         result = _run(
-            program, test, entry_point, float(timeout_s), isolation, limits, all_asserts, python
+            program,
+            test,
+            entry_point,
+            prompt,
+            float(timeout_s),
+            isolation,
+            limits,
+            all_asserts,
+            python,
         )
     except Exception as exc:  # a scorer must keep going whatever the sandbox did
         result = CodeResult(False, "sandbox_error", message=f"{type(exc).__name__}: {exc}")
@@ -360,6 +387,7 @@ def _run(
     program: str,
     test: str,
     entry_point: str,
+    prompt: str,
     timeout_s: float,
     isolation: str,
     limits: SandboxLimits,
@@ -368,87 +396,57 @@ def _run(
 ) -> CodeResult:
     root = _is_root()
     uid = _fresh_uid() if root else None
-    token = secrets.token_hex(16)
-    task_dir = tempfile.mkdtemp(prefix="embr-sbx-")
+    task_dir = tempfile.mkdtemp(prefix="embr-sbx-")  # what the sandbox sees: the harness only
+    private = tempfile.mkdtemp(prefix="embr-out-")  # what it must not see: its captured output
     fds: list[int] = []
+    candidate = judge = None
     try:
         os.chmod(task_dir, 0o755)
-        work = os.path.join(task_dir, "work")
+        work = os.path.join(private, "work")
         os.mkdir(work)
         if uid is not None:
             os.chown(work, uid, uid)
-        out_path = os.path.join(task_dir, "output")
-        res_path = os.path.join(task_dir, "result")
+        out_path = os.path.join(private, "output")
         out_fd = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         fds.append(out_fd)
-        res_fd = os.open(res_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        fds.append(res_fd)
-        token_r, token_w = os.pipe()
-        fds.append(token_r)
-        os.write(token_w, token.encode())
-        os.close(token_w)
+        req_r, req_w = os.pipe()  # judge -> candidate: the program, then one call per line
+        rep_r, rep_w = os.pipe()  # candidate -> judge: one return value per line
+        fds += [req_r, req_w, rep_r, rep_w]
+        for name in ("_harness.py", "_plain.py"):
+            shutil.copyfile(_HERE / name, os.path.join(task_dir, name))
+            os.chmod(os.path.join(task_dir, name), 0o644)
 
         if isolation == "bwrap" or uid is not None:
             processes = limits.max_processes
         else:
             processes = limits.max_processes + _count_processes(os.getuid())
-        job = {
-            "program": program,
-            "test": test,
-            "entry_point": entry_point,
-            "all_asserts": all_asserts,
-            "token_fd": token_r,
-            "result_fd": res_fd,
-            "limits": {
+        cand_limits = json.dumps(
+            {
                 "cpu_s": max(1, int(timeout_s + 0.999)),
                 "memory_bytes": limits.memory_mb << 20,
                 "file_bytes": limits.max_file_mb << 20,
                 "open_files": limits.max_open_files,
                 "processes": processes,
-            },
-        }
-        shutil.copyfile(_HARNESS, os.path.join(task_dir, "harness.py"))
-        with open(os.path.join(task_dir, "job.json"), "w") as fh:
-            json.dump(job, fh)
-        for name in ("harness.py", "job.json"):
-            os.chmod(os.path.join(task_dir, name), 0o644)
-
+            }
+        )
         if isolation == "bwrap":
-            cmd = [
-                *_bwrap_cmd(python, task_dir, limits),
-                python,
-                "-I",
-                "-S",
-                "-B",
-                "/task/harness.py",
-                "/task/job.json",
-            ]
-            cwd = "/"
+            harness, cwd = "/task/_harness.py", "/"
+            prefix = _bwrap_cmd(python, task_dir, limits)
         else:
+            harness, cwd = os.path.join(task_dir, "_harness.py"), work
             prefix = _unshare_cmd() if isolation == "unshare" else []
-            cmd = [
-                *prefix,
-                python,
-                "-I",
-                "-S",
-                "-B",
-                os.path.join(task_dir, "harness.py"),
-                os.path.join(task_dir, "job.json"),
-            ]
-            cwd = work
+        cmd = [*prefix, python, "-I", "-S", "-B", harness, str(req_r), str(rep_w), cand_limits]
         env = {
             "PATH": "/usr/bin:/bin",
             "LANG": "C.UTF-8",
             "HOME": "/tmp" if isolation == "bwrap" else work,
         }
-
-        timed_out = False
-        proc = subprocess.Popen(
+        candidate = subprocess.Popen(
             cmd,
             stdin=subprocess.DEVNULL,
             stdout=out_fd,
             stderr=out_fd,
-            pass_fds=(token_r, res_fd),
+            pass_fds=(req_r, rep_w),
             cwd=cwd,
             env=env,
             start_new_session=True,
@@ -456,27 +454,61 @@ def _run(
             group=uid,
             extra_groups=[] if uid is not None else None,
         )
+        judge = subprocess.Popen(
+            [python, "-I", "-S", "-B", str(_HERE / "_judge.py")],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            pass_fds=(req_w, rep_r),
+            cwd=private,
+            env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
+            start_new_session=True,
+        )
         while fds:
             os.close(fds.pop())
-        if _wait_exit(proc, timeout_s):
-            rc = proc.wait()
-        else:
+        job = {
+            "program": program,
+            "prompt": prompt,
+            "test": test,
+            "entry_point": entry_point,
+            "all_asserts": all_asserts,
+            "timeout_s": timeout_s,
+            "req_fd": req_w,
+            "rep_fd": rep_r,
+            "max_reply_bytes": limits.max_reply_mb << 20,
+        }
+        timed_out = False
+        try:
+            raw, _ = judge.communicate(json.dumps(job).encode(), timeout=timeout_s + _JUDGE_GRACE_S)
+        except subprocess.TimeoutExpired:
             timed_out = True
-            _kill_tree(proc)
-            rc = proc.wait()
-        if uid is not None and (isolation != "bwrap" or timed_out):
+            _kill_tree(judge)
+            raw, _ = judge.communicate()
+        verdict = _read_verdict(raw)
+        # The judge has closed its end: the candidate flushes its output and exits, and its
+        # exit status says how it ended. Past that, whatever it still does no longer matters.
+        if not timed_out:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                candidate.wait(timeout=_EXIT_GRACE_S)
+        if candidate.poll() is None:
+            _kill_tree(candidate)
+        rc = candidate.wait()
+        if uid is not None and isolation != "bwrap":
             _kill_uid(python, uid)
-
         output = _read_head(out_path, limits.max_output_chars)
-        events = _read_events(res_path)
-        result = _classify(events, token, rc, timed_out, isolation, output)
+        result = _classify(verdict, rc, timed_out, isolation, output)
         result.extra["uid"] = uid
         return result
     finally:
         for fd in fds:
             with contextlib.suppress(OSError):
                 os.close(fd)
+        for proc in (candidate, judge):
+            if proc is not None and proc.poll() is None:
+                _kill_tree(proc)
+                proc.wait()
         shutil.rmtree(task_dir, ignore_errors=True)
+        shutil.rmtree(private, ignore_errors=True)
 
 
 def _wait_exit(proc: subprocess.Popen, timeout_s: float) -> bool:
@@ -519,21 +551,16 @@ def _read_head(path: str, limit: int) -> str:
     return text
 
 
-def _read_events(path: str) -> list[dict[str, Any]]:
-    events = []
-    try:
-        with open(path, "rb") as fh:
-            raw = fh.read(1 << 20)
-    except OSError:
-        return events
-    for line in raw.splitlines():
+def _read_verdict(raw: bytes) -> dict[str, Any]:
+    """The judge's verdict (its last JSON line), or ``{}`` when it wrote none."""
+    for line in reversed(raw.splitlines()):
         try:
             obj = json.loads(line)
         except ValueError:
             continue
         if isinstance(obj, dict) and isinstance(obj.get("event"), str):
-            events.append(obj)
-    return events
+            return obj
+    return {}
 
 
 def _signal_of(rc: int, isolation: str) -> int | None:
@@ -549,49 +576,44 @@ def _int(value: Any) -> int:
 
 
 def _classify(
-    events: list[dict[str, Any]], token: str, rc: int, timed_out: bool, isolation: str, output: str
+    verdict: dict[str, Any], rc: int, timed_out: bool, isolation: str, output: str
 ) -> CodeResult:
-    started = any(e["event"] == "start" for e in events)
-    authentic = [
-        e
-        for e in events
-        if isinstance(e.get("token"), str) and hmac.compare_digest(e["token"], token)
-    ]
-    last = authentic[-1] if authentic else None
-    done = [e for e in authentic if e["event"] == "done"]
-    src = last or {}
+    event = verdict.get("event")
     n_pass, n_fail, n_static = (
-        _int(src.get("passed")),
-        _int(src.get("failed")),
-        _int(src.get("static")),
+        _int(verdict.get("passed")),
+        _int(verdict.get("failed")),
+        _int(verdict.get("static")),
     )
     total = max(n_pass + n_fail, n_static)
     fraction = n_pass / total if total else 0.0
     counts = {"asserts_passed": n_pass, "asserts_total": total, "output": output}
-    if done and rc == 0 and not timed_out and n_fail == 0:
+    if event == "done" and not timed_out and n_fail == 0:
         return CodeResult(True, "passed", fraction=1.0, message="check returned", **counts)
-    if timed_out:
-        return CodeResult(False, "timeout", fraction, message="wall-clock timeout", **counts)
-    if not started:
-        return CodeResult(
-            False, "sandbox_error", 0.0, message=f"sandbox did not start (exit {rc})", output=output
-        )
     sig = _signal_of(rc, isolation)
-    if last is not None and last["event"] in ("failed", "error", "memory", "exit"):
-        what = f"{last.get('phase', '?')}: {last.get('type', '?')}: {last.get('msg', '')}"
-        status = {"failed": "failed", "memory": "memory", "exit": "error"}.get(
-            last["event"], "error"
-        )
-        if last["event"] == "exit":
-            what = f"{last.get('phase', '?')}: exited early (SystemExit)"
-        elif last.get("type") == "RecursionError":
-            status = "error"
-        return CodeResult(False, status, fraction, message=what, **counts)
-    if sig == signal.SIGXCPU:
-        return CodeResult(False, "timeout", fraction, message="CPU time limit", **counts)
-    if sig is not None:
+    if timed_out or event == "timeout" or sig == signal.SIGXCPU:
+        what = "CPU time limit" if sig == signal.SIGXCPU else "wall-clock timeout"
+        return CodeResult(False, "timeout", fraction, message=what, **counts)
+    if not verdict:
+        return CodeResult(
+            False, "sandbox_error", 0.0, message=f"the judge gave no verdict (candidate exit {rc})",
+            output=output,
+        )  # fmt: skip
+    phase = verdict.get("phase", "?")
+    detail = f"{phase}: {verdict.get('type', '?')}: {verdict.get('msg', '')}"
+    if event == "failed":
+        return CodeResult(False, "failed", fraction, message=detail, **counts)
+    if event == "memory":
+        return CodeResult(False, "memory", fraction, message=detail, **counts)
+    if event == "exit":
+        return CodeResult(False, "error", fraction, message=f"{phase}: exited early", **counts)
+    if event == "unsupported":
+        return CodeResult(False, "sandbox_error", fraction, message=detail, **counts)
+    if event == "gone" and sig is not None:
         name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
-        return CodeResult(False, "killed", fraction, message=f"killed by {name}", **counts)
-    return CodeResult(
-        False, "error", fraction, message=f"exited (code {rc}) before the tests completed", **counts
-    )
+        return CodeResult(False, "killed", fraction, message=f"{phase}: killed by {name}", **counts)
+    if event == "gone":
+        return CodeResult(
+            False, "error", fraction, message=f"{phase}: exited (code {rc}) before the tests completed",
+            **counts,
+        )  # fmt: skip
+    return CodeResult(False, "error", fraction, message=detail, **counts)

@@ -26,8 +26,26 @@ DEFAULT_TIMEOUT_S = 5.0
 
 _BOXED = re.compile(r"\\(?:boxed|fbox)\b")
 _HASHES = re.compile(r"####\s*([^\n]*)")
-_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)
+_OPEN_TAG = re.compile(r"<answer>", re.IGNORECASE)
+_CLOSE_TAG = re.compile(r"</answer>", re.IGNORECASE)
 _ANSWER_IS = re.compile(r"(?:final\s+)?answer\s+is\s*:?\s*([^\n]*)", re.IGNORECASE)
+
+
+def tag_blocks(
+    text: str, open_tag: str | re.Pattern[str], close_tag: str | re.Pattern[str]
+) -> list[str]:
+    """What ``re.findall(open + "(.*?)" + close, text, re.DOTALL)`` returns, in linear time
+    (the lazy pattern rescans the rest of the text from every unclosed opening tag)."""
+    find_open = re.compile(re.escape(open_tag)) if isinstance(open_tag, str) else open_tag
+    find_close = re.compile(re.escape(close_tag)) if isinstance(close_tag, str) else close_tag
+    blocks, pos = [], 0
+    while (start := find_open.search(text, pos)) is not None:
+        end = find_close.search(text, start.end())
+        if end is None:  # no later opening tag can be closed either
+            break
+        blocks.append(text[start.end() : end.start()])
+        pos = end.end()
+    return blocks
 
 
 def _braced(text: str, start: int) -> str | None:
@@ -78,9 +96,12 @@ def extract_answer(text: str) -> str | None:
     boxed = _last_boxed(text)
     if boxed is not None:
         return boxed
-    for pattern in (_HASHES, _ANSWER_TAG, _ANSWER_IS):
-        matches = [_clean_tail(m.group(1)) for m in pattern.finditer(text)]
-        matches = [m for m in matches if m]
+    for pattern in (_HASHES, _OPEN_TAG, _ANSWER_IS):
+        if pattern is _OPEN_TAG:
+            found = tag_blocks(text, _OPEN_TAG, _CLOSE_TAG)
+        else:
+            found = [m.group(1) for m in pattern.finditer(text)]
+        matches = [m for m in map(_clean_tail, found) if m]
         if matches:
             answer = matches[-1]
             if pattern is _HASHES:

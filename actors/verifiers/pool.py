@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
 from actors.verifiers import Score, Verifier
@@ -62,13 +64,33 @@ class ScoringPool:
         self.close()
 
 
+def collect(futures: Sequence[Future[Score]], timeout_s: float | None = None) -> list[Score]:
+    """The scores of ``futures`` in order; one not done ``timeout_s`` after the call (all of
+    them share the deadline) counts as outcome ``timeout`` with reward 0. Its thread cannot
+    be stopped and finishes in the background; bounded extraction and the checkers' own
+    limits keep that short."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    out = []
+    for f in futures:
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        try:
+            out.append(f.result(timeout=left))
+        except FutureTimeout:
+            out.append(Score(0.0, {}, "timeout", {"message": f"not scored within {timeout_s} s"}))
+    return out
+
+
 def run_many(
-    jobs: Sequence[tuple[str, str, str]], max_workers: int = 2, **kwargs: Any
+    jobs: Sequence[tuple[str, ...]], max_workers: int = 2, **kwargs: Any
 ) -> list[CodeResult]:
-    """:func:`run_tests` over ``(program, test, entry_point)`` jobs, at most ``max_workers``
-    sandboxes at a time; ``kwargs`` go to ``run_tests``. Results in input order."""
+    """:func:`run_tests` over ``(program, test, entry_point[, prompt])`` jobs, at most
+    ``max_workers`` sandboxes at a time; ``kwargs`` go to ``run_tests``. Results in input
+    order."""
     if max_workers < 1:
         raise ValueError(f"max_workers must be >= 1, got {max_workers}")
     with ThreadPoolExecutor(max_workers, thread_name_prefix="embr-sandbox") as ex:
-        futures = [ex.submit(run_tests, p, t, e, **kwargs) for p, t, e in jobs]
+        futures = [
+            ex.submit(run_tests, j[0], j[1], j[2], prompt=j[3] if len(j) > 3 else "", **kwargs)
+            for j in jobs
+        ]
         return [f.result() for f in futures]

@@ -12,7 +12,13 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from actors.verifiers.math import DEFAULT_TIMEOUT_S, extract_answer, is_equivalent, to_number
+from actors.verifiers.math import (
+    DEFAULT_TIMEOUT_S,
+    extract_answer,
+    is_equivalent,
+    tag_blocks,
+    to_number,
+)
 
 CORRECT_REWARD = 2.0
 
@@ -29,14 +35,46 @@ class RewardResult:
 
 RewardFn = Callable[[str, str], RewardResult]
 
-_ANSWER_BLOCK = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
-_STRICT = re.compile(r"^<reasoning>\n.*?\n</reasoning>\n<answer>\n.*?\n</answer>\n?$", re.DOTALL)
-_SOFT = re.compile(r"<reasoning>.*?</reasoning>\s*<answer>.*?</answer>", re.DOTALL)
+_REASONING_THEN_ANSWER = re.compile(r"</reasoning>\s*<answer>")
+_STRICT_HEAD, _STRICT_MIDDLE, _STRICT_TAIL = (
+    "<reasoning>\n",
+    "\n</reasoning>\n<answer>\n",
+    "\n</answer>",
+)
+
+
+def _answer_blocks(completion: str) -> list[str]:
+    return tag_blocks(completion, "<answer>", "</answer>")
+
+
+def strict_format(completion: str) -> bool:
+    """``re.match(r"^<reasoning>\\n.*?\\n</reasoning>\\n<answer>\\n.*?\\n</answer>\\n?$",
+    completion, re.DOTALL)``, d1's strict layout, in linear time."""
+    if not completion.startswith(_STRICT_HEAD):
+        return False
+    if completion.endswith(_STRICT_TAIL):
+        tail = len(completion) - len(_STRICT_TAIL)
+    elif completion.endswith(_STRICT_TAIL + "\n"):
+        tail = len(completion) - len(_STRICT_TAIL) - 1
+    else:
+        return False
+    middle = completion.find(_STRICT_MIDDLE, len(_STRICT_HEAD))
+    return middle >= 0 and middle + len(_STRICT_MIDDLE) <= tail
+
+
+def soft_format(completion: str) -> bool:
+    """``re.search(r"<reasoning>.*?</reasoning>\\s*<answer>.*?</answer>", completion, re.DOTALL)``,
+    d1's soft layout, in linear time."""
+    start = completion.find("<reasoning>")
+    if start < 0:
+        return False
+    middle = _REASONING_THEN_ANSWER.search(completion, start + len("<reasoning>"))
+    return middle is not None and completion.find("</answer>", middle.end()) >= 0
 
 
 def _answer_of(completion: str) -> str | None:
     """The answer a d1-format completion gives: inside ``<answer>`` first, else anywhere."""
-    blocks = _ANSWER_BLOCK.findall(completion)
+    blocks = _answer_blocks(completion)
     if blocks:
         inner = extract_answer(blocks[-1])
         return inner if inner is not None else (blocks[-1].strip() or None)
@@ -81,8 +119,8 @@ def d1_gsm8k(completion: str, gold: str, timeout_s: float = DEFAULT_TIMEOUT_S) -
     parts = {
         "correct": CORRECT_REWARD if ok else 0.0,
         "integer": 0.5 if value is not None and value.denominator == 1 else 0.0,
-        "strict_format": 0.5 if _STRICT.match(completion) else 0.0,
-        "soft_format": 0.5 if _SOFT.search(completion) else 0.0,
+        "strict_format": 0.5 if strict_format(completion) else 0.0,
+        "soft_format": 0.5 if soft_format(completion) else 0.0,
         "tags": _tag_score(completion),
     }
     return RewardResult(sum(parts.values()), parts, ok, answer)
@@ -94,7 +132,7 @@ def d1_math(completion: str, gold: str, timeout_s: float = DEFAULT_TIMEOUT_S) ->
         return RewardResult(0.0, {"correct": 0.0, "answer_tags": 0.0, "boxed_in_answer": 0.0})
     answer = _answer_of(completion)
     ok = _correct(answer, gold, timeout_s)
-    blocks = _ANSWER_BLOCK.findall(completion)
+    blocks = _answer_blocks(completion)
     parts = {
         "correct": CORRECT_REWARD if ok else 0.0,
         "answer_tags": 0.25 if len(blocks) == 1 else 0.0,

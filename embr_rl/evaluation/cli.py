@@ -503,8 +503,9 @@ def _init_ray(cfg: Config) -> Any:
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS") or cfg.cluster.address
         if not address:
-            # A fresh local cluster refuses unauthenticated clients otherwise (Ray 2.60).
-            os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+            from embr_rl.cli import local_cluster_auth
+
+            local_cluster_auth()
         ray.init(
             address=address,
             namespace=cfg.cluster.namespace,

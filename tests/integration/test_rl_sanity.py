@@ -27,10 +27,11 @@ TARGET, MAX_STEPS, WINDOW = 0.95, 100, 3
 # Slowest first, so two processes finish together (steps to the bar: docs/results.md).
 ALGOS = ["embr_u", "wd1", "embr_e", "d1", "embr_c"]
 # A known defect, not yet fixed (docs/results.md, "EMBR-U's bracket"): EMBR-U learns the reward
-# but plateaus below the bar (best 10-step means 0.83-0.90 at lr 1e-4 and 2e-4, eubo_gamma 1.5
-# and 5; here its last 20 steps average 0.77); its earlier pass (step 42) depended on the
-# prompt order. It must still learn: its last 20 steps average at least PLATEAU_FLOOR, far
-# above the base rate (about 0.45).
+# but plateaus below the bar (best 10-step means 0.83-0.92 at lr 1e-4 and 2e-4, eubo_gamma 1.5
+# and 5, and with the gap estimator at 8 draws; here its last 20 steps average 0.77). The
+# cause is the bracket's width term in its loss: with zero width (gap estimator, one draw per
+# position) the same loss is EMBR-C's and passes. It must still learn: its last 20 steps
+# average at least PLATEAU_FLOOR, far above the base rate (about 0.45).
 KNOWN_PLATEAU = {"embr_u"}
 PLATEAU_FLOOR = 0.7
 

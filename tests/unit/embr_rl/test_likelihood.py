@@ -76,3 +76,25 @@ def test_elbo_gradient_flows(tiny_model: torch.nn.Module) -> None:
     value = elbo(tiny_model, prompt, comp, mask_id=MASK_ID, num_samples=2, generator=g)
     value.sum().backward()
     assert tiny_model.lm_head.weight.grad.abs().sum() > 0
+
+
+def test_gap_eubo_never_below_the_elbo_and_zero_width_with_one_draw_per_position() -> None:
+    from embr_rl.masking import sample_block_masks
+
+    g = torch.Generator().manual_seed(3)
+    valid = torch.ones(4, 8, dtype=torch.bool)
+    valid[0, 5:] = False
+    for draws in (2, 4, 16):
+        draw = sample_masks(valid, draws, scheme="count", stratified=True, generator=g)
+        logp = torch.log(torch.rand(4, draws, 8, generator=g) * 0.98 + 0.01)
+        upper, _ = eubo_from_logprobs(logp, draw, 1.5, valid, estimator="gap")
+        assert (upper >= elbo_from_logprobs(logp, draw) - 1e-9).all()
+    # One draw per block of 4: every position is scored at most once, so the gap is 0.
+    draw = sample_block_masks(valid, 2, 4, scheme="count", stratified=True, generator=g)
+    logp = torch.log(torch.rand(4, 2, 8, generator=g) * 0.98 + 0.01).requires_grad_()
+    upper, _ = eubo_from_logprobs(logp, draw, 1.5, valid, estimator="gap")
+    assert torch.allclose(upper, elbo_from_logprobs(logp, draw))
+    upper.sum().backward()
+    assert torch.isfinite(logp.grad).all()
+    with pytest.raises(ValueError, match="'direct', 'gap'"):
+        eubo_from_logprobs(logp, draw, 1.5, valid, estimator="mean")

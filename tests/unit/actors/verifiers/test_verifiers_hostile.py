@@ -325,3 +325,56 @@ def test_pool_survives_a_burst_of_hostile_runs(sentinel: subprocess.Popen) -> No
     for r in results:
         _no_stray_processes(r)
     assert sentinel.poll() is None
+
+
+FILL_EVERYTHING = r"""
+import os
+
+def fill(directory):
+    total = 0
+    for i in range(64):
+        try:
+            with open(f"{directory}/fill{i}", "wb") as fh:
+                while True:
+                    fh.write(b"x" * (1 << 20))
+                    fh.flush()
+                    total += 1
+        except BaseException:
+            pass
+    return total
+
+for place in ("/dev/shm", "/dev", "/tmp", ".", "/var/tmp", "/run", "/task"):
+    print(f"{place} {fill(place)}")
+memfd = 0
+try:
+    for i in range(64):
+        fd = os.memfd_create(f"fill{i}")
+        while True:
+            os.write(fd, b"x" * (1 << 20))
+            memfd += 1
+except BaseException:
+    pass
+print(f"memfd {memfd}")
+
+def f():
+    return 0
+"""
+
+
+@needs_bwrap
+def test_every_writable_place_is_bounded() -> None:
+    """/dev/shm, /dev, /tmp, the working directory and memfds: none grows past its limit."""
+    from actors.verifiers.code import SandboxLimits
+
+    limits = SandboxLimits(tmpfs_mb=8, max_file_mb=4, max_open_files=16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", IsolationWarning)
+        res = run_tests(FILL_EVERYTHING, ONE_TEST, "f", timeout_s=20, mode="bwrap", limits=limits)
+    assert res.status == "failed", (res.status, res.message, res.output)
+    written = {line.split()[0]: int(line.split()[1]) for line in res.output.splitlines() if line}
+    assert set(written) == {"/dev/shm", "/dev", "/tmp", ".", "/var/tmp", "/run", "/task", "memfd"}
+    assert written["/dev/shm"] <= limits.tmpfs_mb and written["/tmp"] <= limits.tmpfs_mb
+    assert written["."] <= limits.tmpfs_mb  # the working directory is /tmp
+    assert written["/dev"] == written["/var/tmp"] == written["/run"] == written["/task"] == 0
+    assert written["memfd"] <= limits.max_open_files * limits.max_file_mb
+    _no_stray_processes(res)

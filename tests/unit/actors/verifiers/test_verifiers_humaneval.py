@@ -44,14 +44,17 @@ def humaneval(shared_data: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _run_all(jobs: list[tuple[str, str, str]]) -> list[Any]:
+def _run_all(jobs: list[tuple[str, ...]]) -> list[Any]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", IsolationWarning)
         return run_many(jobs, max_workers=2, timeout_s=10.0)
 
 
 def test_all_canonical_solutions_pass(humaneval: list[dict[str, Any]]) -> None:
-    jobs = [(r["prompt"] + r["canonical_solution"], r["test"], r["entry_point"]) for r in humaneval]
+    jobs = [
+        (r["prompt"] + r["canonical_solution"], r["test"], r["entry_point"], r["prompt"])
+        for r in humaneval
+    ]
     results = _run_all(jobs)
     failed = [
         (r["task_id"], x.status, x.message)
@@ -66,9 +69,14 @@ def test_wrong_variants_fail(humaneval: list[dict[str, Any]]) -> None:
     jobs = []
     for r in humaneval:
         canonical = r["prompt"] + r["canonical_solution"]
-        jobs.append((r["prompt"] + "    return None\n", r["test"], r["entry_point"]))
+        jobs.append((r["prompt"] + "    return None\n", r["test"], r["entry_point"], r["prompt"]))
         jobs.append(
-            (canonical + PERTURB.format(entry=r["entry_point"]), r["test"], r["entry_point"])
+            (
+                canonical + PERTURB.format(entry=r["entry_point"]),
+                r["test"],
+                r["entry_point"],
+                r["prompt"],
+            )
         )
     results = _run_all(jobs)
     constant_passed = [r["task_id"] for i, r in enumerate(humaneval) if results[2 * i].passed]

@@ -154,3 +154,107 @@ def test_code_pool_scores_concurrently() -> None:
             for p in (good, bad)
         ]
         assert [f.result().reward for f in futures] == [1.0, 0.0]
+
+
+def test_linear_format_checks_agree_with_the_regexes_they_replace() -> None:
+    """``strict_format``, ``soft_format`` and ``tag_blocks`` against d1's lazy regexes on
+    random strings of tag pieces (the regexes are quadratic on long inputs, these are not)."""
+    import random
+    import re
+
+    from actors.verifiers.math import _CLOSE_TAG, _OPEN_TAG, tag_blocks
+    from actors.verifiers.rewards import soft_format, strict_format
+
+    strict = re.compile(r"^<reasoning>\n.*?\n</reasoning>\n<answer>\n.*?\n</answer>\n?$", re.DOTALL)
+    soft = re.compile(r"<reasoning>.*?</reasoning>\s*<answer>.*?</answer>", re.DOTALL)
+    tag = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+    tag_i = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)
+    pieces = ["<reasoning>", "</reasoning>", "<answer>", "</answer>", "<ANSWER>", "</Answer>"]
+    pieces += ["\n", " ", "x", "12", "\n\n"]
+    rng = random.Random(0)
+    hits = {"strict": 0, "soft": 0}
+    for _ in range(20000):
+        t = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 9)))
+        if rng.random() < 0.3:
+            t = "<reasoning>\n" + t
+        if rng.random() < 0.3:
+            t += "\n</answer>" + ("\n" if rng.random() < 0.5 else "")
+        if rng.random() < 0.2:  # the layout itself, around random pieces
+            t = f"<reasoning>\n{t}\n</reasoning>\n<answer>\n{t[::-1]}\n</answer>" + "\n" * (
+                len(t) % 2
+            )
+        assert strict_format(t) == bool(strict.match(t)), t
+        assert soft_format(t) == bool(soft.search(t)), t
+        assert tag_blocks(t, "<answer>", "</answer>") == tag.findall(t), t
+        assert tag_blocks(t, _OPEN_TAG, _CLOSE_TAG) == tag_i.findall(t), t
+        hits["strict"] += strict_format(t)
+        hits["soft"] += soft_format(t)
+    assert hits["strict"] > 20 and hits["soft"] > 200  # both branches were exercised
+
+
+MEGABYTE = 1 << 20
+ADVERSARIAL = {
+    "unclosed_answer_tags": "<answer>" * (MEGABYTE // 8),
+    "unclosed_reasoning": "<reasoning>\n" + "\n</reasoning>\n" * (MEGABYTE // 14),
+    "reasoning_openers": "<reasoning>" * (MEGABYTE // 11) + "</reasoning> <answer>",
+    "boxes": "\\boxed{" * (MEGABYTE // 7),
+    "nested_braces": "\\boxed{" + "{" * MEGABYTE,
+    "hashes": "#### " * (MEGABYTE // 5),
+    "answer_is": "the answer is " * (MEGABYTE // 14),
+    "equals": "=1" * (MEGABYTE // 2) + "\\boxed{2}",
+    "digits": "1" * MEGABYTE,
+}
+
+
+@pytest.mark.parametrize("name", sorted(ADVERSARIAL))
+def test_every_preset_returns_on_a_megabyte_of_adversarial_text(name: str) -> None:
+    """No timed assert: a quadratic path would take minutes here and hit the suite's
+    per-test timeout (d1's old format regexes took over 120 s on such 1 MB inputs)."""
+    from actors.verifiers.rewards import PRESETS
+
+    text = ADVERSARIAL[name]
+    for preset, fn in PRESETS.items():
+        res = fn(text, "42", 1.0)
+        assert isinstance(res.total, float), preset
+
+
+def test_code_verifier_returns_on_a_megabyte_of_adversarial_text() -> None:
+    import warnings
+
+    from actors.verifiers import build_verifier
+    from actors.verifiers.code import IsolationWarning
+
+    ref = {"test": "def check(candidate):\n    assert candidate() == 1\n", "entry_point": "f"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", IsolationWarning)
+        verifier = build_verifier("code")
+        for text in ("```python\n" * (MEGABYTE // 10), "def f(:\n" * (MEGABYTE // 8)):
+            score = verifier.score(text, ref)
+            assert score.reward == 0.0 and score.outcome != "passed"
+
+
+def test_collect_turns_a_stalled_scoring_into_a_timeout() -> None:
+    import threading
+
+    from actors.verifiers import Score
+    from actors.verifiers.pool import ScoringPool, collect
+
+    release = threading.Event()
+
+    class Stalls:
+        name = "stalls"
+
+        def score(self, completion: str, reference: object) -> Score:
+            if completion == "stall":
+                release.wait(30)
+            return Score(1.0, {}, "correct")
+
+    pool = ScoringPool(Stalls(), max_workers=2)  # type: ignore[arg-type]
+    try:
+        futures = [pool.submit(c, {}) for c in ("ok", "stall", "ok")]
+        scores = collect(futures, timeout_s=0.5)
+        assert [s.outcome for s in scores] == ["correct", "timeout", "correct"]
+        assert scores[1].reward == 0.0
+    finally:
+        release.set()
+        pool.close()
