@@ -60,7 +60,10 @@ def _bare(python: str, program: str) -> bool:
 def bench_code(data: Path, n: int, repeats: int) -> None:
     with gzip.open(data / "HumanEval.jsonl.gz", "rt") as fh:
         rows = [json.loads(line) for line in fh][:n]
-    jobs = [(r["prompt"] + r["canonical_solution"], r["test"], r["entry_point"]) for r in rows]
+    jobs = [
+        (r["prompt"] + r["canonical_solution"], r["test"], r["entry_point"], r["prompt"])
+        for r in rows
+    ]
     python = find_python() or sys.executable
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", IsolationWarning)
@@ -68,7 +71,7 @@ def bench_code(data: Path, n: int, repeats: int) -> None:
         run_many(jobs[:2], 1)  # warm caches and the isolation probe
 
         def bare() -> int:
-            return sum(_bare(python, f"{p}\n{t}\ncheck({e})\n") for p, t, e in jobs)
+            return sum(_bare(python, f"{j[0]}\n{j[1]}\ncheck({j[2]})\n") for j in jobs)
 
         configs = {
             "bare subprocess, 1 worker": bare,
