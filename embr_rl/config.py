@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -447,6 +448,8 @@ def _check_ranges(node: Any, path: str) -> None:
             )
         if value is None or isinstance(value, bool) or not isinstance(value, int | float):
             continue
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"bad value for '{key}': {value!r}; allowed: a finite number")
         for op, bound, ok in (
             ("ge", meta.get("ge"), lambda v, b: v >= b),
             ("gt", meta.get("gt"), lambda v, b: v > b),

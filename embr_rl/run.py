@@ -63,6 +63,57 @@ def base_model_stage(cfg: Config) -> str:
 # --------------------------------------------------------------------------- Ray
 
 
+def preflight(cfg: Config) -> None:
+    """Check what can be checked before Ray starts; raise :class:`ConfigError` naming the key.
+
+    A local ``model.path`` must be a folder with a readable ``config.json`` (a name that is
+    not on disk is taken for a Hugging Face hub id, unless it reads as a path);
+    ``buffer.offline_path`` must exist in offline mode; a benchmark task needs its
+    ``task.data_dir`` on disk, or the ``datasets`` package to load it from the Hub.
+    """
+    import importlib.util
+
+    path = cfg.model.path
+    if path != "builtin":
+        p = Path(path).expanduser()
+        looks_local = path.startswith(("/", ".", "~")) or path.count("/") > 1
+        if p.exists():
+            config = p / "config.json"
+            if not p.is_dir() or not config.is_file():
+                raise ConfigError(
+                    f"bad value for 'model.path': {path!r}; allowed: a model folder with a "
+                    "config.json (as save_pretrained writes it), a Hugging Face hub id, or 'builtin'"
+                )
+            try:
+                parsed = json.loads(config.read_text())
+            except (OSError, UnicodeDecodeError, ValueError) as exc:
+                raise ConfigError(
+                    f"bad value for 'model.path': {path!r}; its config.json cannot be read: {exc}"
+                ) from None
+            if not isinstance(parsed, dict):
+                raise ConfigError(
+                    f"bad value for 'model.path': {path!r}; its config.json is not a JSON object"
+                )
+        elif looks_local:
+            raise ConfigError(
+                f"bad value for 'model.path': {path!r}; no such folder (a hub id reads "
+                "'org/name'; 'builtin' builds the built-in model)"
+            )
+    b = cfg.buffer
+    if cfg.algo.mode == "offline" and b.offline_path and not Path(b.offline_path).is_file():
+        raise ConfigError(f"bad value for 'buffer.offline_path': {b.offline_path!r}; no such file")
+    t = cfg.task
+    if t.name != "arith":
+        if t.data_dir is not None and not Path(t.data_dir).is_dir():
+            raise ConfigError(f"bad value for 'task.data_dir': {t.data_dir!r}; no such folder")
+        if t.data_dir is None and importlib.util.find_spec("datasets") is None:
+            raise ConfigError(
+                f"missing 'task.data_dir' for task.name={t.name!r}: loading it from the Hugging "
+                "Face Hub needs the 'datasets' package, which is not installed; allowed: a "
+                "folder holding the benchmark files (e.g. ../shared/data, see its README)"
+            )
+
+
 def start_ray(cfg: Config) -> str:
     """Join ``cluster.address`` / ``RAY_ADDRESS``, or start a local cluster; returns which
     (``existing`` when this process already runs Ray, e.g. a notebook or a test)."""
@@ -196,11 +247,16 @@ def make_fleet(cfg: Config, run_dir: Path) -> Any:
     )
     learners = LearnerGroup(cfg)
     pids = ray.get([w.ping.remote() for w in workers] + [evaluator.ping.remote()])
+    others = ray.get(
+        [a.__ray_call__.remote(_pid_of) for a in [buffer, *getattr(learners, "ranks", [])]]
+    )
     (run_dir / "actors.json").write_text(
         json.dumps(
             {
                 "rollout_workers": [p["pid"] for p in pids[: len(workers)]],
                 "evaluator": pids[-1]["pid"],
+                "buffer": others[0],
+                "learner_ranks": others[1:],
             },
             indent=2,
         )
@@ -209,6 +265,11 @@ def make_fleet(cfg: Config, run_dir: Path) -> Any:
 
 
 # --------------------------------------------------------------------------- the run
+
+
+def _pid_of(actor: Any) -> int:
+    """The process id of the actor this runs in (through ``__ray_call__``)."""
+    return os.getpid()
 
 
 def _describe(cfg: Config) -> str:
@@ -268,6 +329,7 @@ def run(cfg: Config) -> dict[str, Any]:
     _log(f"run directory {run_dir} (resolved config in {run_dir / 'config.yaml'})")
     model_path = base_model_stage(cfg)
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=model_path))
+    preflight(cfg)
     ckpt = CheckpointManager(run_dir, cfg.checkpoint.keep_last)
     resume_from = ckpt.resolve(cfg.checkpoint.resume)
 
@@ -344,6 +406,8 @@ def run(cfg: Config) -> dict[str, Any]:
         )
         _log(f"reward curve: {png}")
     acc_steps, acc = report.series(records, "eval/accuracy")
+    # "After" is the evaluation of the final policy or nothing: never an earlier one.
+    final_missing = not stop and (not acc_steps or acc_steps[-1] != state.step)
     latest = ckpt.latest()
     summary: dict[str, Any] = {
         "model": model_path,
@@ -355,7 +419,8 @@ def run(cfg: Config) -> dict[str, Any]:
         "samples": state.samples,
         "worker_restarts": state.restarts,
         "eval/accuracy_before": acc[0] if acc else None,
-        "eval/accuracy_after": acc[-1] if acc else None,
+        "eval/accuracy_after": None if final_missing or not acc else acc[-1],
+        "eval/final_missing": final_missing,
         "eval/steps": acc_steps,
         "eval/fixed_broken": list(flips) if flips else None,
         "stopped_by": None if not stop else stop.signal,
@@ -363,6 +428,13 @@ def run(cfg: Config) -> dict[str, Any]:
         "wall_seconds": round(wall, 1),
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if final_missing:
+        last = f"step {acc_steps[-1]}" if acc_steps else "none"
+        _log(
+            f"error: the final policy (step {state.step}) was not evaluated (last evaluation: "
+            f"{last}; did the evaluator die? see metrics.jsonl); summary.json reports no "
+            "accuracy after training"
+        )
     if stop:
         _log(f"stopped at step {state.step}; resume with checkpoint.resume=auto")
     else:
@@ -394,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if summary.get("stopped_by"):
         return 128 + int(summary["stopped_by"])
-    return 0
+    return 1 if summary.get("eval/final_missing") else 0
 
 
 if __name__ == "__main__":

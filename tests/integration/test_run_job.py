@@ -297,3 +297,21 @@ def test_stop_then_resume_continues_step_buffer_and_prompts(
     final = json.loads((run_dir / "checkpoints" / "step_00000040" / "state.json").read_text())
     assert final["step"] == 40 and final["samples"] > saved["samples"]
     assert final["stream"]["position"] > saved["stream"]["position"]
+
+
+def test_killed_evaluator_fails_the_run_and_no_accuracy_is_made_up(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    job = cluster.submit(
+        run_dir, "learner.total_steps=60", "eval.every=0", "checkpoint.every=0",
+    )  # fmt: skip
+    _wait_for(lambda: len(_steps(run_dir)) >= 3, 240, "3 learner steps", job, cluster)
+    actors = json.loads((run_dir / "actors.json").read_text())
+    assert actors["buffer"] > 0 and len(actors["learner_ranks"]) == 1
+    os.kill(actors["evaluator"], signal.SIGKILL)
+    assert cluster.wait(job) == "FAILED", cluster.logs(job)[-4000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 60 and summary["eval/final_missing"] is True
+    assert summary["eval/accuracy_before"] is not None and summary["eval/accuracy_after"] is None
+    assert "was not evaluated" in cluster.logs(job)

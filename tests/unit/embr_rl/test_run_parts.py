@@ -217,3 +217,79 @@ def test_paired_flips_and_exact_sign_test() -> None:
     assert sign_test_p(10, 0) == pytest.approx(2 / 1024)
     assert sign_test_p(0, 0) == 1.0
     assert sign_test_p(44, 32) == pytest.approx(sign_test_p(32, 44))
+
+
+# --------------------------------------------------------------------------- fail first
+
+
+def test_non_finite_numbers_are_refused_at_load() -> None:
+    for key in ("learner.lr", "algo.beta", "learner.max_grad_norm", "rollout.temperature"):
+        for value in ("inf", "-inf", "nan"):
+            with pytest.raises(ConfigError, match=rf"'{key}'.*finite"):
+                load_config(None, [f"{key}={value}"])
+
+
+def _preflight_error(tmp_path: Path, *overrides: str) -> str:
+    from embr_rl.run import preflight
+
+    with pytest.raises(ConfigError) as info:
+        preflight(load_config(None, list(overrides)))
+    return str(info.value)
+
+
+def test_preflight_names_a_bad_model_path_before_ray(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "config.json").write_text('{"model_type": ')
+    listed = tmp_path / "listed"
+    listed.mkdir()
+    (listed / "config.json").write_text("[1, 2]")
+    for path, says in (
+        (empty, "config.json"),
+        (corrupt, "cannot be read"),
+        (listed, "not a JSON object"),
+        (tmp_path / "missing", "no such folder"),
+        ("./nowhere", "no such folder"),
+    ):
+        message = _preflight_error(tmp_path, f"model.path={path}")
+        assert "'model.path'" in message and says in message, message
+    from embr_rl.run import preflight
+
+    preflight(load_config(None, ["model.path=GSAI-ML/LLaDA-8B-Instruct"]))  # a hub id passes
+
+
+def test_preflight_names_missing_offline_data_and_benchmark_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    message = _preflight_error(
+        tmp_path, "algo.mode=offline", f"buffer.offline_path={tmp_path / 'rows.jsonl'}"
+    )
+    assert "'buffer.offline_path'" in message
+    message = _preflight_error(tmp_path, "task.name=gsm8k", f"task.data_dir={tmp_path / 'no'}")
+    assert "'task.data_dir'" in message
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "datasets" else real(name, *a)
+    )
+    message = _preflight_error(tmp_path, "task.name=gsm8k")
+    assert "'task.data_dir'" in message and "datasets" in message
+
+
+def test_run_stops_at_preflight_before_starting_ray(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from embr_rl import run as run_mod
+
+    def no_ray(cfg: object) -> str:
+        raise AssertionError("Ray was started before the model path was checked")
+
+    monkeypatch.setattr(run_mod, "start_ray", no_ray)
+    cfg = load_config(
+        None, [f"model.path={tmp_path / 'missing'}", f"logging.run_dir={tmp_path / 'run'}"]
+    )
+    with pytest.raises(ConfigError, match=r"'model\.path'"):
+        run_mod.run(cfg)
