@@ -63,6 +63,36 @@ def base_model_stage(cfg: Config) -> str:
 # --------------------------------------------------------------------------- Ray
 
 
+JOB_RUNS_DIR = "embr_runs"
+
+
+def resolve_run_dir(run_dir: str) -> Path:
+    """The absolute run directory. Under ``ray job submit --working-dir``, the job runs in
+    Ray's temporary copy of that folder, deleted with the cluster: a relative
+    ``logging.run_dir`` is then redirected to ``~/embr_runs/<run_dir>`` (as Ray Train keeps
+    results in ``~/ray_results``), and an absolute one inside the copy is refused."""
+    path = Path(run_dir).expanduser()
+    cwd = Path.cwd().resolve()
+    in_job_copy = bool(os.environ.get("RAY_JOB_ID")) and "runtime_resources" in cwd.parts
+    if not in_job_copy:
+        return path.resolve()
+    if not path.is_absolute():
+        target = (Path.home() / JOB_RUNS_DIR / path).resolve()
+        _log(
+            f"logging.run_dir={run_dir!r} is relative and this job runs in Ray's temporary "
+            f"copy of its working dir ({cwd}), deleted with the cluster: writing to {target} "
+            "instead (give an absolute path on shared storage to choose)"
+        )
+        return target
+    if path.resolve().is_relative_to(cwd):
+        raise ConfigError(
+            f"bad value for 'logging.run_dir': {run_dir!r} lies inside the job's temporary "
+            f"working directory {cwd}, which Ray deletes; allowed: a path outside it (shared "
+            "storage for multi-node clusters) or a relative one (goes to ~/embr_runs)"
+        )
+    return path.resolve()
+
+
 def preflight(cfg: Config) -> None:
     """Check what can be checked before Ray starts; raise :class:`ConfigError` naming the key.
 
@@ -318,13 +348,8 @@ def run(cfg: Config) -> dict[str, Any]:
     from embr_rl.telemetry import build_logger, read_jsonl
 
     t0 = time.perf_counter()
-    run_dir = Path(cfg.logging.run_dir).resolve()
-    if os.environ.get("RAY_JOB_ID") and not Path(cfg.logging.run_dir).is_absolute():
-        _log(
-            f"warning: logging.run_dir={cfg.logging.run_dir!r} is relative; under `ray job "
-            "submit` it lands in the job's temporary working directory. Use an absolute path "
-            "on shared storage to keep checkpoints across jobs."
-        )
+    run_dir = resolve_run_dir(cfg.logging.run_dir)
+    cfg = dataclasses.replace(cfg, logging=dataclasses.replace(cfg.logging, run_dir=str(run_dir)))
     save_config(cfg, run_dir)
     _log(f"run directory {run_dir} (resolved config in {run_dir / 'config.yaml'})")
     model_path = base_model_stage(cfg)
@@ -332,6 +357,8 @@ def run(cfg: Config) -> dict[str, Any]:
     preflight(cfg)
     ckpt = CheckpointManager(run_dir, cfg.checkpoint.keep_last)
     resume_from = ckpt.resolve(cfg.checkpoint.resume)
+    for path, why in ckpt.skipped:
+        _log(f"warning: skipping checkpoint {path}: {why}")
 
     stream = None
     if cfg.algo.mode != "offline":

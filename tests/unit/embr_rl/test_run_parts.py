@@ -82,11 +82,41 @@ def test_checkpoint_manager_completeness_resolve_and_prune(tmp_path: Path) -> No
     removed = ckpt.prune()
     assert sorted(p.name for p in removed) == ["step_00000005", "step_00000012"]
     assert [p.name for p in ckpt.complete()] == ["step_00000010", "step_00000015"]
-    assert CheckpointManager.read_state(ckpt.path_for(15)) == {"step": 15}
+    assert CheckpointManager.read_state(ckpt.path_for(15)) == {"step": 15, "manifest": {}}
     newer_partial = ckpt.path_for(20)
     newer_partial.mkdir()
     ckpt.prune()
     assert newer_partial.is_dir()  # may still be being written
+
+
+def test_resume_skips_damaged_checkpoints_and_names_them(tmp_path: Path) -> None:
+    ckpt = CheckpointManager(tmp_path, keep_last=5)
+    for step in (5, 10, 15):
+        p = ckpt.path_for(step)
+        (p / "learner").mkdir(parents=True)
+        (p / "learner" / "model.bin").write_bytes(b"x" * (100 + step))
+        (p / "buffer.parquet").write_bytes(b"rows" * step)
+        ckpt.write_state(p, {"step": step})
+    assert CheckpointManager.read_state(ckpt.path_for(10))["manifest"] == {
+        "buffer.parquet": 40,
+        "learner/model.bin": 110,
+    }
+    # Newest: state.json truncated mid-write; middle: a file cut short after the save.
+    state = ckpt.path_for(15) / "state.json"
+    state.write_text(state.read_text()[:20])
+    (ckpt.path_for(10) / "learner" / "model.bin").write_bytes(b"x" * 7)
+    assert ckpt.resolve("auto") == ckpt.path_for(5)
+    reasons = {p.name: why for p, why in ckpt.skipped}
+    assert reasons.keys() == {"step_00000010", "step_00000015"}
+    assert "state.json unreadable" in reasons["step_00000015"]
+    assert reasons["step_00000010"] == "learner/model.bin has 7 bytes, 110 written"
+    with pytest.raises(FileNotFoundError, match=r"model\.bin has 7 bytes"):
+        ckpt.resolve(str(ckpt.path_for(10)))
+    (ckpt.path_for(5) / "buffer.parquet").unlink()
+    assert ckpt.resolve("auto") is None
+    assert (
+        "buffer.parquet is missing" in dict((p.name, w) for p, w in ckpt.skipped)["step_00000005"]
+    )
 
 
 # --------------------------------------------------------------------------- telemetry
@@ -293,3 +323,20 @@ def test_run_stops_at_preflight_before_starting_ray(
     )
     with pytest.raises(ConfigError, match=r"'model\.path'"):
         run_mod.run(cfg)
+
+
+def test_run_dir_never_lands_in_a_jobs_temporary_working_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from embr_rl.run import resolve_run_dir
+
+    copy = tmp_path / "session_x" / "runtime_resources" / "working_dir_files" / "_ray_pkg_1"
+    copy.mkdir(parents=True)
+    monkeypatch.chdir(copy)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert resolve_run_dir("runs/demo") == copy / "runs" / "demo"  # not a job: stays
+    monkeypatch.setenv("RAY_JOB_ID", "02000000")
+    assert resolve_run_dir("runs/demo") == tmp_path / "home" / "embr_runs" / "runs" / "demo"
+    assert resolve_run_dir(str(tmp_path / "shared" / "r")) == tmp_path / "shared" / "r"
+    with pytest.raises(ConfigError, match=r"'logging\.run_dir'.*temporary"):
+        resolve_run_dir(str(copy / "runs" / "demo"))
