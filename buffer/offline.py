@@ -39,6 +39,8 @@ SHAPES = {"scored": ("prompt", "completion", "reward"), "pairs": ("prompt", "cho
 SUFFIXES = (".jsonl", ".json", ".parquet")
 _PROBE = "The quick brown fox: 12+7=19; 19-5=14. \\boxed{14} #### 14"
 _CACHE_VERSION = 1
+# A record longer than this (one JSON line) is malformed, not a prompt: 1 MiB is ~250k tokens.
+MAX_LINE_BYTES = 1 << 20
 _ALLOWED = "scored (prompt, completion, reward) or pairs (prompt, chosen, rejected)"
 
 
@@ -104,15 +106,46 @@ def _records(path: Path) -> tuple[Iterator[tuple[str, Any]], list[str] | None]:
 
         return rows(), table.column_names
 
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip()
+    if head.startswith(b"["):  # one JSON array of records, not JSON lines
+        try:
+            items = json.loads(path.read_bytes())
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise OfflineDatasetError(
+                f"{path}: starts with '[' but is not a JSON array of records ({exc}); allowed: "
+                "JSON lines (one record per line), a JSON array of records, or Parquet"
+            ) from None
+        if not isinstance(items, list):
+            raise OfflineDatasetError(f"{path}: not a JSON array of records")
+
+        def elements() -> Iterator[tuple[str, Any]]:
+            for i, rec in enumerate(items):
+                yield f"item {i}", rec
+
+        return elements(), None
+
     def lines() -> Iterator[tuple[str, Any]]:
-        with open(path, encoding="utf-8") as f:
-            for number, line in enumerate(f, start=1):
+        with open(path, "rb") as f:
+            for number, raw in enumerate(f, start=1):
+                where = f"line {number}"
+                if len(raw) > MAX_LINE_BYTES:
+                    yield (
+                        where,
+                        _BadJson(f"a line of {len(raw):,} bytes; the limit is {MAX_LINE_BYTES:,}"),
+                    )
+                    continue
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    yield where, _BadJson(f"not UTF-8: byte {raw[exc.start]:#04x} at {exc.start}")
+                    continue
                 if not line.strip():
                     continue
                 try:
-                    yield f"line {number}", json.loads(line)
-                except json.JSONDecodeError as exc:
-                    yield f"line {number}", _BadJson(str(exc))
+                    yield where, json.loads(line)
+                except (ValueError, RecursionError) as exc:
+                    yield where, _BadJson(f"{type(exc).__name__}: {exc}"[:300])
 
     return lines(), None
 

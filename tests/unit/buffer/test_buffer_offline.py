@@ -200,3 +200,43 @@ def test_a_hugging_face_tokenizer_is_used_without_special_tokens(tmp_path: Path)
     assert data.table.column("prompt_ids").to_pylist() == [[2], [2]]
     assert data.table.column("completion_ids").to_pylist() == [[3], [4]]
     assert load_offline(tmp_path / "p.jsonl", hf, cache_dir=tmp_path).cache_hit
+
+
+def test_undecodable_huge_and_oversized_lines_are_named_and_skipped(tmp_path: Path) -> None:
+    from buffer.offline import MAX_LINE_BYTES
+
+    path = tmp_path / "bad.jsonl"
+    good = [json.dumps(r).encode() for r in SCORED]
+    lines = [
+        good[0],
+        json.dumps({"prompt": "x", "completion": "y", "reward": 0}).encode()[:-2] + b'\xff"}',
+        json.dumps({"prompt": "1", "completion": "2", "reward": 10**400}).encode(),
+        json.dumps(
+            {"prompt": "p" * (MAX_LINE_BYTES + 10), "completion": "c", "reward": 1}
+        ).encode(),
+        good[1],
+        b"[" * 100000,
+        good[2],
+    ]
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    data = load_offline(path, CharTokenizer(), use_cache=False)
+    assert data.records == 7 and data.skipped == 4 and data.table.num_rows == 3
+    text = "\n".join(data.errors)
+    assert "line 2: invalid JSON (not UTF-8: byte 0xff" in text
+    assert "line 3: field 'reward' must be a finite number" in text
+    assert f"line 4: invalid JSON (a line of {len(lines[3]) + 1:,} bytes" in text
+    assert "line 6: invalid JSON" in text
+    with pytest.raises(OfflineDatasetError, match="line 2: invalid JSON"):
+        load_offline(path, CharTokenizer(), strict=True, use_cache=False)
+
+
+def test_a_json_array_file_is_read_as_records(tmp_path: Path) -> None:
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps([*SCORED, "not a record"], indent=1))
+    data = load_offline(path, CharTokenizer(), use_cache=False)
+    assert data.shape == "scored" and data.table.num_rows == 3 and data.skipped == 1
+    assert "item 3: expected an object" in data.errors[0]
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps(SCORED)[:-5])
+    with pytest.raises(OfflineDatasetError, match="not a JSON array of records"):
+        load_offline(broken, CharTokenizer(), use_cache=False)
