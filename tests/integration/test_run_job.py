@@ -100,7 +100,7 @@ class Cluster:
         for proc in mine:
             with contextlib.suppress(psutil.NoSuchProcess):
                 proc.terminate()
-        _, alive = psutil.wait_procs(mine, timeout=15)
+        _, alive = psutil.wait_procs(mine, timeout=5)
         for proc in alive:
             with contextlib.suppress(psutil.NoSuchProcess):
                 proc.kill()
@@ -304,7 +304,7 @@ def test_killed_evaluator_fails_the_run_and_no_accuracy_is_made_up(
 ) -> None:
     run_dir = tmp_path / "run"
     job = cluster.submit(
-        run_dir, "learner.total_steps=60", "eval.every=0", "checkpoint.every=0",
+        run_dir, "learner.total_steps=25", "eval.every=0", "checkpoint.every=0",
     )  # fmt: skip
     _wait_for(lambda: len(_steps(run_dir)) >= 3, 240, "3 learner steps", job, cluster)
     actors = json.loads((run_dir / "actors.json").read_text())
@@ -312,6 +312,6 @@ def test_killed_evaluator_fails_the_run_and_no_accuracy_is_made_up(
     os.kill(actors["evaluator"], signal.SIGKILL)
     assert cluster.wait(job) == "FAILED", cluster.logs(job)[-4000:]
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["steps"] == 60 and summary["eval/final_missing"] is True
+    assert summary["steps"] == 25 and summary["eval/final_missing"] is True
     assert summary["eval/accuracy_before"] is not None and summary["eval/accuracy_after"] is None
     assert "was not evaluated" in cluster.logs(job)
