@@ -9,6 +9,7 @@ request without the token), ``metrics`` (a read-only Prometheus page) or ``open`
 from __future__ import annotations
 
 import json
+import os
 import socket
 import sys
 import time
@@ -17,7 +18,6 @@ import urllib.request
 
 import grpc
 import psutil
-import ray
 
 from embr_rl.config import load_config
 from embr_rl.run import start_ray
@@ -42,36 +42,65 @@ def _external_ip() -> str:
             return "127.0.0.1"
 
 
-def classify(host: str, port: int) -> str:
+def _http(url: str, token: str | None) -> tuple[int, bytes]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
-        with urllib.request.urlopen(f"http://{host}:{port}/", timeout=3) as resp:
-            body = resp.read(64)
-        return "metrics" if body.startswith(b"# HELP") else "open"
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=3) as r:
+            return r.status, r.read(64)
     except urllib.error.HTTPError as exc:
-        if exc.code in (401, 403):
-            return "auth"
-        return "open"
+        return exc.code, b""
+
+
+def _grpc(channel: grpc.Channel, method: str, metadata: list[tuple[str, str]]) -> str:
+    call = channel.unary_unary(method, request_serializer=lambda x: x, response_deserializer=bytes)
+    try:
+        call(b"", timeout=3, metadata=metadata)
+        return "OK"
+    except grpc.RpcError as exc:
+        return exc.code().name
+
+
+def classify(host: str, port: int, token: str, cluster_id: str) -> str:
+    """``auth`` when a request without the token is refused and the same one with it is not."""
+    try:
+        without, body = _http(f"http://{host}:{port}/", None)
     except Exception:
-        pass  # not HTTP/1: gRPC
+        without = None  # not HTTP/1: gRPC
+    if without is not None:
+        if without == 200 and body.startswith(b"# HELP"):
+            return "metrics"
+        return (
+            "auth"
+            if without == 401 and _http(f"http://{host}:{port}/", token)[0] != 401
+            else "open"
+        )
+    ident = [("ray_cluster_id", cluster_id)]
     with grpc.insecure_channel(f"{host}:{port}") as channel:
         for method in GRPC_METHODS:
-            call = channel.unary_unary(
-                method, request_serializer=lambda x: x, response_deserializer=lambda b: b
-            )
-            try:
-                call(b"", timeout=3)
-            except grpc.RpcError as exc:
-                if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
-                    return "auth"
+            refused = _grpc(channel, method, ident)
+            if refused == "UNIMPLEMENTED":
+                continue  # another service's method
+            allowed = _grpc(channel, method, [*ident, ("authorization", f"Bearer {token}")])
+            return "auth" if refused == "UNAUTHENTICATED" != allowed else "open"
     return "open"
 
 
 def main() -> None:
     port = int(sys.argv[1])
     cfg = load_config(None, [f"cluster.dashboard_port={port}", "cluster.num_cpus=1"])
+    assert "ray" not in sys.modules  # as under `python -m embr_rl.run`: Ray comes in with start_ray
     start_ray(cfg)
+    import ray
+
     assert ray.get(ray.remote(lambda: 1).remote()) == 1
     time.sleep(3)  # agents and metrics servers come up after the first task
+    node = ray._private.worker.global_worker.node
+    cluster_id = node.cluster_id.hex()
+    token_file = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")
+    token = "no-token"
+    if os.path.isfile(token_file):
+        with open(token_file) as fh:
+            token = fh.read().strip()
     me = psutil.Process()
     tree = {p.pid: p for p in me.children(recursive=True)} | {me.pid: me}
     external = _external_ip()
@@ -88,7 +117,7 @@ def main() -> None:
             kind = "loopback"
         else:
             host = external if ip in ("0.0.0.0", "::") else ip.removeprefix("::ffff:")
-            kind = classify(host, lport)
+            kind = classify(host, lport, token, cluster_id)
         rows.append([ip, lport, name, kind])
     ray.shutdown()
     print(json.dumps(rows))

@@ -37,6 +37,7 @@ def test_local_cluster_refuses_clients_without_the_token(tmp_path: Path) -> None
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
     env.pop("RAY_ADDRESS", None)
     env["HOME"] = str(tmp_path)
+    env["PYTHONPATH"] = str(REPO)  # this checkout's embr_rl, whatever the venv points at
     proc = subprocess.run(
         [sys.executable, str(REPO / "tests" / "integration" / "_cluster_probe.py"), str(_port())],
         env=env, cwd=REPO, capture_output=True, text=True, timeout=240,
