@@ -96,6 +96,7 @@ def eubo_from_logprobs(
     gamma: float,
     valid: Tensor | None = None,
     estimator: str = "direct",
+    lower: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """EUBO estimate [B] and coverage [B] (DESIGN §4.1).
 
@@ -107,6 +108,7 @@ def eubo_from_logprobs(
     both forms converge to the exact EUBO as ``n`` grows, ``"gap"`` never falls below the
     ELBO, and it is 0 at a position masked in only one draw (one draw has no spread to measure).
     Positions masked in no draw are left out and the covered sum is rescaled by ``L / covered``.
+    ``lower``: the ELBO of the same draws when the caller has it already (``"gap"`` uses it).
     """
     n = draw.num_samples
     logw = torch.log(draw.weights.to(logp.dtype))[..., None]  # [B, n, 1]
@@ -135,7 +137,8 @@ def eubo_from_logprobs(
     scale = torch.where(n_cov > 0, n_valid / n_cov.clamp(min=1.0), torch.zeros_like(n_cov))
     coverage = torch.where(n_valid > 0, n_cov / n_valid.clamp(min=1.0), torch.ones_like(n_cov))
     if estimator == "gap":
-        return elbo_from_logprobs(logp, draw) + (total * scale).clamp(min=0.0), coverage
+        lower = elbo_from_logprobs(logp, draw) if lower is None else lower
+        return lower + (total * scale).clamp(min=0.0), coverage
     return total * scale, coverage
 
 
@@ -211,8 +214,9 @@ def bounds(
         attention_mask=attention_mask,
         micro_batch=micro_batch,
     )
-    upper, coverage = eubo_from_logprobs(logp, draw, gamma, valid, estimator)
-    return Bounds(elbo_from_logprobs(logp, draw), upper, coverage, draw)
+    lower = elbo_from_logprobs(logp, draw)
+    upper, coverage = eubo_from_logprobs(logp, draw, gamma, valid, estimator, lower)
+    return Bounds(lower, upper, coverage, draw)
 
 
 def elbo(

@@ -303,7 +303,7 @@ def _score(
     if gamma is None:
         return lower, None, None
     upper, coverage = eubo_from_logprobs(
-        logp, draw, gamma, batch.span(), estimator=cfg.eubo_estimator
+        logp, draw, gamma, batch.span(), estimator=cfg.eubo_estimator, lower=lower
     )
     return lower, upper, coverage
 

@@ -72,9 +72,10 @@ def soft_format(completion: str) -> bool:
     return middle is not None and completion.find("</answer>", middle.end()) >= 0
 
 
-def _answer_of(completion: str) -> str | None:
-    """The answer a d1-format completion gives: inside ``<answer>`` first, else anywhere."""
-    blocks = _answer_blocks(completion)
+def _answer_of(completion: str, blocks: list[str] | None = None) -> str | None:
+    """The answer a d1-format completion gives: inside ``<answer>`` first, else anywhere
+    (``blocks``: its ``<answer>`` blocks, when the caller has them already)."""
+    blocks = _answer_blocks(completion) if blocks is None else blocks
     if blocks:
         inner = extract_answer(blocks[-1])
         return inner if inner is not None else (blocks[-1].strip() or None)
@@ -130,9 +131,9 @@ def d1_math(completion: str, gold: str, timeout_s: float = DEFAULT_TIMEOUT_S) ->
     """Correctness 2.0, one ``<answer>`` block 0.25, a ``\\boxed`` answer inside it 0.25."""
     if not isinstance(completion, str) or not isinstance(gold, str):
         return RewardResult(0.0, {"correct": 0.0, "answer_tags": 0.0, "boxed_in_answer": 0.0})
-    answer = _answer_of(completion)
-    ok = _correct(answer, gold, timeout_s)
     blocks = _answer_blocks(completion)
+    answer = _answer_of(completion, blocks)
+    ok = _correct(answer, gold, timeout_s)
     parts = {
         "correct": CORRECT_REWARD if ok else 0.0,
         "answer_tags": 0.25 if len(blocks) == 1 else 0.0,
