@@ -81,7 +81,15 @@ class ModelConfig:
     # Hugging Face hub id or a local directory (e.g. GSAI-ML/LLaDA-8B-Instruct).
     path: str = "builtin"
     tokenizer: str | None = None
+    # "auto": the project's own implementation where one exists for the checkpoint's
+    # model_type (llada, Dream; embr_rl.models.native), else transformers' Auto classes.
+    # "native" insists on the own one; "remote" runs the checkpoint's shipped code
+    # (needs trust_remote_code).
+    implementation: str = field_("auto", choices=["auto", "native", "remote"])
     trust_remote_code: bool = False
+    # Token ids that end a completion besides the tokenizer's EOS (null: EOS plus the
+    # end-of-turn tokens the vocabulary has, e.g. LLaDA's <|eot_id|>, Qwen's <|im_end|>).
+    stop_token_ids: list[int] | None = None
     mask_token_id: int | None = field_(None, ge=0)
     dtype: str = field_("auto", choices=["auto", "float32", "bfloat16", "float16"])
     device: str = field_("auto", choices=["auto", "cpu", "cuda"])

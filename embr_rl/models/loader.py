@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,9 @@ log = logging.getLogger(__name__)
 # Mask tokens of known dLLM families, tried in this order when neither the config nor the
 # tokenizer names one: LLaDA, Dream / generic.
 KNOWN_MASK_TOKENS = ("<|mdm_mask|>", "<|mask|>", "<mask>", "[MASK]")
+# Tokens that end a chat turn in known families (LLaDA / Llama-3, Qwen / Dream) or end a
+# document; a completion stops at any of them, not only at the tokenizer's EOS.
+KNOWN_STOP_TOKENS = ("<|eot_id|>", "<|im_end|>", "<|endoftext|>")
 
 
 class ModelLoadError(RuntimeError):
@@ -45,6 +49,12 @@ class LoadedModel:
     chat_template: str | None
     device: torch.device
     dtype: torch.dtype
+    # Ids that end a completion, the EOS first (empty: just ``eos_token_id``).
+    stop_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.stop_token_ids and self.eos_token_id is not None:
+            self.stop_token_ids = (int(self.eos_token_id),)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -83,6 +93,22 @@ def find_mask_token_id(
         "cannot find a mask token: the model config and tokenizer define no mask_token_id and "
         f"the vocabulary has none of {', '.join(KNOWN_MASK_TOKENS)}; set model.mask_token_id"
     )
+
+
+def find_stop_token_ids(
+    tokenizer: PreTrainedTokenizerBase, extra: Sequence[int] | None = None
+) -> tuple[int, ...]:
+    """The ids that end a completion: the EOS, then ``extra`` (``model.stop_token_ids``)
+    or, when that is null, every :data:`KNOWN_STOP_TOKENS` entry the vocabulary has."""
+    ids: list[int] = []
+    if tokenizer.eos_token_id is not None:
+        ids.append(int(tokenizer.eos_token_id))
+    if extra is not None:
+        ids.extend(int(i) for i in extra)
+    else:
+        vocab = tokenizer.get_vocab()
+        ids.extend(int(vocab[t]) for t in KNOWN_STOP_TOKENS if t in vocab)
+    return tuple(dict.fromkeys(ids))
 
 
 def check_returns_logits(model: torch.nn.Module, mask_token_id: int, vocab_size: int) -> None:
@@ -183,6 +209,7 @@ def load_model(
         chat_template=getattr(tokenizer, "chat_template", None),
         device=device,
         dtype=dtype,
+        stop_token_ids=find_stop_token_ids(tokenizer, cfg.stop_token_ids),
     )
 
 
