@@ -3,8 +3,11 @@
 :func:`load_model` takes a Hugging Face hub id or a local directory, resolves the device
 and dtype (bf16 on GPU, fp32 on CPU unless the config says otherwise), finds the mask
 token id and the chat template, and checks that the model maps ``input_ids`` to
-``.logits``. LLaDA and Dream ship their modelling code with the checkpoint, so they need
-``model.trust_remote_code=true``.
+``.logits``. LLaDA and Dream load with the project's own implementations
+(:mod:`embr_rl.models.native`, chosen by the checkpoint's ``model_type``) and run no code
+shipped with the checkpoint; other models go through transformers' Auto classes
+(``model.trust_remote_code=true`` for those that ship their own code, see
+:mod:`embr_rl.models.remote`).
 """
 
 from __future__ import annotations
@@ -17,11 +20,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
+from transformers.utils import cached_file
 
 import embr_rl.models  # noqa: F401  (registers the built-in model with the Auto classes)
 from embr_rl.config import BuiltinModelConfig, ModelConfig
 from embr_rl.models.modeling import EmbrDiffusionConfig, EmbrDiffusionModel
+from embr_rl.models.native import NATIVE_MODELS, NativeModel
+from embr_rl.models.remote import enable_gradient_checkpointing, load_remote_model
 
 log = logging.getLogger(__name__)
 
@@ -149,9 +155,44 @@ def _check_remote_code(path: str, trust: bool) -> None:
         raise ModelLoadError(_REMOTE_CODE_HINT.format(path=path))
 
 
-def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    """Load a tokenizer from a hub id or local directory."""
-    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+def read_model_type(path: str) -> str | None:
+    """``model_type`` from the checkpoint's config.json (local or hub), without running its code."""
+    try:
+        config_file = Path(path) / "config.json"
+        if not config_file.is_file():
+            config_file = Path(cached_file(path, "config.json"))
+        data = json.loads(config_file.read_text())
+    except (OSError, ValueError):
+        return None
+    value = data.get("model_type") if isinstance(data, dict) else None
+    return str(value) if value is not None else None
+
+
+def choose_native(implementation: str, model_type: str | None, path: str) -> NativeModel | None:
+    """The native implementation to load ``path`` with, or None for transformers' Auto classes.
+
+    ``model.implementation``: ``auto`` takes the native one where :data:`NATIVE_MODELS` has
+    the checkpoint's ``model_type``; ``native`` insists on it; ``remote`` never uses it.
+    """
+    if implementation == "remote":
+        return None
+    native = NATIVE_MODELS.get(model_type or "")
+    if native is None and implementation == "native":
+        raise ModelLoadError(
+            f"model.implementation='native' but {path} has model_type {model_type!r}; native "
+            f"implementations exist for: {', '.join(sorted(NATIVE_MODELS))}. Use "
+            "model.implementation=auto or remote"
+        )
+    return native
+
+
+def load_tokenizer(
+    path: str, trust_remote_code: bool = False, config: Any = None
+) -> PreTrainedTokenizerBase:
+    """Load a tokenizer from a hub id or local directory (``config``: the model's, already
+    parsed, so transformers does not parse config.json again with its own classes)."""
+    kwargs = {"config": config} if config is not None else {}
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
 
 
 def load_model(
@@ -169,25 +210,35 @@ def load_model(
         )
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
-    _check_remote_code(path, cfg.trust_remote_code)
+    model_type = read_model_type(path)
+    native = choose_native(cfg.implementation, model_type, path)
+    if native is None:
+        _check_remote_code(path, cfg.trust_remote_code)
     try:
-        tokenizer = load_tokenizer(cfg.tokenizer or path, cfg.trust_remote_code)
-        model_config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+        if native is not None:
+            model_config = native.config_class.from_pretrained(path)
+        else:
+            model_config = AutoConfig.from_pretrained(
+                path, trust_remote_code=cfg.trust_remote_code
+            )
+        tokenizer = load_tokenizer(
+            cfg.tokenizer or path,
+            cfg.trust_remote_code,
+            model_config if cfg.tokenizer is None else None,
+        )
     except ValueError as exc:
         if "trust_remote_code" in str(exc):
             raise ModelLoadError(_REMOTE_CODE_HINT.format(path=path)) from exc
         raise
+    if native is not None:
+        model = native.model_class.from_pretrained(path, config=model_config, dtype=dtype)
+    else:
+        model = load_remote_model(path, model_config, dtype, cfg.trust_remote_code)
     mask_id = find_mask_token_id(model_config, tokenizer, cfg.mask_token_id)
-    model = AutoModel.from_pretrained(
-        path, config=model_config, trust_remote_code=cfg.trust_remote_code, dtype=dtype
-    ).to(device)
+    model = model.to(device)
     model.train(for_training)
     if for_training and cfg.gradient_checkpointing:
-        enable = (
-            getattr(model, "activation_checkpointing_enable", None)
-            or model.gradient_checkpointing_enable
-        )
-        enable()
+        enable_gradient_checkpointing(model)
     vocab_size = int(getattr(model_config, "vocab_size", 0) or len(tokenizer))
     if mask_id >= vocab_size:
         raise ModelLoadError(

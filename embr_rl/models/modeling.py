@@ -82,11 +82,18 @@ class EmbrDiffusionConfig(PretrainedConfig):
 
 @dataclass
 class KVCache:
-    """Per-layer rotated keys/values ``[B, heads, S, head_dim]`` and a key mask ``[B, S]``."""
+    """Per-layer rotated keys/values ``[B, kv_heads, S, head_dim]`` and a key mask ``[B, S]``.
+
+    ``positions`` and ``token_ids`` ``[B, S]`` (optional) record where and which token each
+    cached entry is; a model whose logits are shifted by one (Dream) needs them to score
+    the first new position from the token before it.
+    """
 
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
     key_mask: torch.Tensor
+    positions: torch.Tensor | None = None
+    token_ids: torch.Tensor | None = None
 
     @property
     def length(self) -> int:
@@ -98,20 +105,32 @@ class KVCache:
             [k[:, :, index] for k in self.keys],
             [v[:, :, index] for v in self.values],
             self.key_mask[:, index],
+            None if self.positions is None else self.positions[:, index],
+            None if self.token_ids is None else self.token_ids[:, index],
         )
 
     def select_rows(self, rows: torch.Tensor) -> KVCache:
         """Keep the batch rows in ``rows`` (to stop spending compute on finished rows)."""
         return KVCache(
-            [k[rows] for k in self.keys], [v[rows] for v in self.values], self.key_mask[rows]
+            [k[rows] for k in self.keys],
+            [v[rows] for v in self.values],
+            self.key_mask[rows],
+            None if self.positions is None else self.positions[rows],
+            None if self.token_ids is None else self.token_ids[rows],
         )
 
     def cat(self, other: KVCache) -> KVCache:
         """Concatenate two caches along the position axis."""
+
+        def both(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+            return None if a is None or b is None else torch.cat([a, b], dim=1)
+
         return KVCache(
             [torch.cat([a, b], dim=2) for a, b in zip(self.keys, other.keys, strict=True)],
             [torch.cat([a, b], dim=2) for a, b in zip(self.values, other.values, strict=True)],
             torch.cat([self.key_mask, other.key_mask], dim=1),
+            both(self.positions, other.positions),
+            both(self.token_ids, other.token_ids),
         )
 
 

@@ -13,6 +13,8 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from embr_rl.masking import stop_id_set
+
 PAD, EOS, MASK, UNK = "<|pad|>", "<|eos|>", "<|mask|>", "<|unk|>"
 SPECIAL_TOKENS = [PAD, EOS, MASK, UNK]
 
@@ -88,12 +90,15 @@ def encode_completions(
 
 
 def decode_completions(
-    tokenizer: PreTrainedTokenizerBase, completion_ids: torch.Tensor, eos_id: int | None
+    tokenizer: PreTrainedTokenizerBase,
+    completion_ids: torch.Tensor,
+    eos_id: int | None,
+    stop_ids: Sequence[int] | None = None,
 ) -> list[str]:
-    """Completion texts, each cut at its first EOS."""
+    """Completion texts, each cut at its first stop id (``eos_id`` or one of ``stop_ids``)."""
+    stops = set(stop_id_set(eos_id, stop_ids))
     texts = []
     for row in completion_ids.tolist():
-        if eos_id is not None and eos_id in row:
-            row = row[: row.index(eos_id)]
-        texts.append(tokenizer.decode(row, skip_special_tokens=True))
+        cut = next((i for i, t in enumerate(row) if t in stops), len(row))
+        texts.append(tokenizer.decode(row[:cut], skip_special_tokens=True))
     return texts
