@@ -17,6 +17,7 @@ def wrap_lora(model: nn.Module, lora: Any) -> nn.Module:
         raise ImportError(
             "model.lora.enabled=true needs peft: pip install 'embr-rl[lora]'"
         ) from exc
+    check_targets(model, lora.target_modules)
     cfg = PeftLoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
@@ -24,6 +25,23 @@ def wrap_lora(model: nn.Module, lora: Any) -> nn.Module:
         target_modules=list(lora.target_modules),
     )
     return get_peft_model(model, cfg)
+
+
+def linear_names(model: nn.Module) -> set[str]:
+    """The last name part of every linear layer (what peft matches ``target_modules`` on)."""
+    return {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+
+def check_targets(model: nn.Module, targets: Any) -> None:
+    """Fail, naming what the model has, when a ``model.lora.target_modules`` entry matches
+    no linear layer (peft would skip it silently; LLaDA, say, has no ``o_proj``)."""
+    have = linear_names(model)
+    missing = [t for t in targets if t not in have]
+    if missing:
+        raise ValueError(
+            f"model.lora.target_modules names {missing}, which {type(model).__name__} does not "
+            f"have; its linear layers are: {', '.join(sorted(have))}"
+        )
 
 
 def for_inference(model: nn.Module, lora: Any) -> nn.Module:
