@@ -57,7 +57,7 @@ class PlanError(ValueError):
 class Arch:
     """The shape of a bidirectional pre-norm SwiGLU transformer, in the model's own names."""
 
-    family: str  # "embr_mdm" (built-in), "llada" or "llama" (Hugging Face llama-style names)
+    family: str  # "embr_mdm" (built-in), "llada", "dream" or "llama" (llama-style names)
     vocab_size: int  # rows of the embedding (LLaDA: embedding_size)
     hidden_size: int
     num_layers: int
@@ -65,6 +65,7 @@ class Arch:
     num_kv_heads: int
     intermediate_size: int
     tie_word_embeddings: bool
+    qkv_bias: bool = False  # Dream (Qwen2-shaped): biases on the q, k and v projections
 
     @property
     def kv_dim(self) -> int:
@@ -85,9 +86,25 @@ LLADA_8B = Arch(
     intermediate_size=12288,
     tie_word_embeddings=False,
 )
+# Published config.json of Dream-org/Dream-v0-Instruct-7B (and -Base-7B): hidden_size 3584,
+# 28 layers, 28 heads, 4 key/value heads, intermediate_size 18944, vocab_size 152064,
+# tie_word_embeddings false, Qwen2's biases on q/k/v.
+DREAM_7B = Arch(
+    family="dream",
+    vocab_size=152064,
+    hidden_size=3584,
+    num_layers=28,
+    num_heads=28,
+    num_kv_heads=4,
+    intermediate_size=18944,
+    tie_word_embeddings=False,
+    qkv_bias=True,
+)
 KNOWN_ARCHS: dict[str, Arch] = {
     "gsai-ml/llada-8b-instruct": LLADA_8B,
     "gsai-ml/llada-8b-base": LLADA_8B,
+    "dream-org/dream-v0-instruct-7b": DREAM_7B,
+    "dream-org/dream-v0-base-7b": DREAM_7B,
 }
 
 
@@ -126,10 +143,13 @@ def head_name(arch: Arch) -> str:
 def param_count(arch: Arch) -> int:
     """Parameters: embedding + per block (linears + two RMSNorm gains) + final norm + head.
 
-    ``V*h + L*(sum of in*out + 2h) + h + (0 if tied else h*V)``; no biases.
+    ``V*h + L*(sum of in*out + 2h [+ h + 2*kv biases]) + h + (0 if tied else h*V)``; only
+    Dream's q/k/v have biases.
     """
     h = arch.hidden_size
     per_block = sum(a * b for a, b in block_linears(arch).values()) + 2 * h
+    if arch.qkv_bias:
+        per_block += h + 2 * arch.kv_dim
     head = 0 if arch.tie_word_embeddings else h * arch.vocab_size
     return arch.vocab_size * h + arch.num_layers * per_block + h + head
 
@@ -138,11 +158,19 @@ def lora_param_count(arch: Arch, lora: LoraConfig) -> int:
     """Trainable LoRA parameters: ``r * (in + out)`` for every targeted linear layer.
 
     peft matches ``target_modules`` by the last part of a module's name, so LLaDA's
-    ``ff_out`` also matches its output head. Names that match nothing add nothing.
+    ``ff_out`` also matches its output head. A name that matches nothing is a
+    :class:`PlanError`, as it is an error when the learner wraps the model.
     """
     if not lora.enabled:
         return 0
     targets = set(lora.target_modules)
+    have = {*block_linears(arch), head_name(arch)}
+    missing = sorted(targets - have)
+    if missing:
+        raise PlanError(
+            f"model.lora.target_modules names {missing}, which a {arch.family} model does not "
+            f"have; its linear layers are: {', '.join(sorted(have))}"
+        )
     per_block = sum(lora.r * (a + b) for n, (a, b) in block_linears(arch).items() if n in targets)
     total = arch.num_layers * per_block
     if head_name(arch) in targets and not arch.tie_word_embeddings:
@@ -188,8 +216,9 @@ def arch_from_hf_config(data: dict[str, object]) -> Arch:
             tie_word_embeddings=bool(data.get("weight_tying", False)),
         )
     heads = get("num_attention_heads")
+    family = {"embr_mdm": "embr_mdm", "Dream": "dream"}.get(kind, "llama")
     return Arch(
-        family="embr_mdm" if kind == "embr_mdm" else "llama",
+        family=family,
         vocab_size=get("vocab_size"),
         hidden_size=get("hidden_size"),
         num_layers=get("num_hidden_layers"),
@@ -197,6 +226,7 @@ def arch_from_hf_config(data: dict[str, object]) -> Arch:
         num_kv_heads=get("num_key_value_heads", default=heads),
         intermediate_size=get("intermediate_size"),
         tie_word_embeddings=bool(data.get("tie_word_embeddings", False)),
+        qkv_bias=family == "dream",
     )
 
 

@@ -40,8 +40,7 @@ def rope_tables(
     inv_freq = 1.0 / (
         theta
         ** (
-            torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32)
-            / head_dim
+            torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim
         )
     )
     angles = position_ids.to(torch.float32)[..., None] * inv_freq

@@ -56,6 +56,9 @@ _DEFAULTS: dict[str, Any] = {
     "rope_theta": 10000.0,
     "attention_dropout": 0.0,
     "mask_token_id": 151666,
+    "pad_token_id": None,
+    "bos_token_id": None,
+    "eos_token_id": None,
 }
 
 
@@ -225,7 +228,9 @@ class DreamNativeModel(PreTrainedModel):
         position_ids: torch.Tensor,
         kv_cache: KVCache | None,
         output_hidden_states: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    ) -> tuple[
+        torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]
+    ]:
         """Dream's own logits (position ``i`` predicts token ``i + 1``), final hidden states,
         new keys/values and the hidden states entering each layer."""
         attn_mask, _ = attention_mask_for(key_mask, kv_cache)

@@ -72,6 +72,8 @@ _DEFAULTS: dict[str, Any] = {
     "embedding_size": 50304,
     "weight_tying": True,
     "mask_token_id": 50256,
+    "pad_token_id": 50256,
+    "eos_token_id": 50256,
     "init_std": 0.02,
 }
 

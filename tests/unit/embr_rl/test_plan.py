@@ -11,6 +11,7 @@ import pytest
 from embr_rl.config import load_config
 from embr_rl.plan import (
     LLADA_8B,
+    PlanError,
     activation_bytes,
     arch_from_config,
     arch_from_hf_config,
@@ -178,12 +179,64 @@ def test_llada_8b_lora_by_hand() -> None:
     assert mem["ZeRO buffers"] == 2 * q  # the bucket is capped by the trainable count
 
 
-def test_lora_target_names_that_do_not_exist_add_nothing() -> None:
+def test_lora_target_names_that_do_not_exist_are_refused() -> None:
     cfg = load_config(
         REPO / "configs/llada8b_gsm8k.yaml", ["model.lora.target_modules=[q_proj,o_proj]"]
     )
-    # LLaDA's output projection is attn_out: o_proj matches nothing
-    assert lora_param_count(LLADA_8B, cfg.model.lora) == 32 * 128 * (4096 + 4096)
+    # LLaDA's output projection is attn_out: o_proj matches nothing, as the learner refuses.
+    with pytest.raises(PlanError, match=r"\['o_proj'\].*attn_out"):
+        lora_param_count(LLADA_8B, cfg.model.lora)
+    cfg.model.lora.target_modules = ["q_proj", "attn_out"]
+    assert lora_param_count(LLADA_8B, cfg.model.lora) == 32 * 128 * (4096 + 4096) * 2
+
+
+@pytest.mark.parametrize(
+    ("family", "arch_name", "count"),
+    [("llada", "LLADA_8B", 8_015_581_184), ("Dream", "DREAM_7B", None)],
+)
+def test_param_count_equals_the_native_model_built_from_the_hub_config(
+    family: str, arch_name: str, count: int | None
+) -> None:
+    """The planner's count is the native implementation's, built on the meta device from
+    the published config.json shape (LLaDA-8B-Instruct: 8,015,581,184)."""
+    import torch
+
+    from embr_rl import plan
+    from embr_rl.models.native import NATIVE_MODELS
+
+    arch = getattr(plan, arch_name)
+    if family == "llada":
+        hub = dict(
+            d_model=arch.hidden_size,
+            n_layers=arch.num_layers,
+            n_heads=arch.num_heads,
+            n_kv_heads=arch.num_kv_heads,
+            mlp_hidden_size=arch.intermediate_size,
+            vocab_size=arch.vocab_size,
+            embedding_size=arch.vocab_size,
+            weight_tying=False,
+            block_type="llama",
+            activation_type="silu",
+            rope=True,
+            layer_norm_type="rms",
+        )
+    else:
+        hub = dict(
+            hidden_size=arch.hidden_size,
+            num_hidden_layers=arch.num_layers,
+            num_attention_heads=arch.num_heads,
+            num_key_value_heads=arch.num_kv_heads,
+            intermediate_size=arch.intermediate_size,
+            vocab_size=arch.vocab_size,
+        )
+    native = NATIVE_MODELS[family]
+    with torch.device("meta"):
+        model = native.model_class(native.config_class(**hub))
+    built = sum(p.numel() for p in model.parameters())
+    assert plan.param_count(arch) == built
+    assert plan.param_count(plan.arch_from_hf_config({"model_type": family, **hub})) == built
+    if count is not None:
+        assert built == count
 
 
 def test_cli_prints_a_markdown_table(capsys: pytest.CaptureFixture[str]) -> None:

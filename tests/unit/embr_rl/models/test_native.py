@@ -35,8 +35,8 @@ def snapshots(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {name: make(root / name) for name, (make, _, _) in FAMILIES.items()}
 
 
-def _load(path: Path, **kw: object):  # noqa: ANN202
-    return load_model(ModelConfig(path=str(path), device="cpu", dtype="float32", **kw), **{})
+def _load(path: Path, **kw: object):
+    return load_model(ModelConfig(path=str(path), device="cpu", dtype="float32", **kw))
 
 
 def _batch(padded: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,7 +81,9 @@ def test_llada_with_grouped_query_heads_matches(tmp_path: Path) -> None:
     ids, mask = _batch(True)
     with torch.no_grad():
         got = _load(path).model(input_ids=ids, attention_mask=mask).logits
-    want = llada_reference(load_state(path), json.loads((path / "config.json").read_text()), ids, mask)
+    want = llada_reference(
+        load_state(path), json.loads((path / "config.json").read_text()), ids, mask
+    )
     torch.testing.assert_close(got[mask.bool()], want[mask.bool()], rtol=1e-5, atol=1e-5)
 
 
