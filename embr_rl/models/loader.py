@@ -27,7 +27,11 @@ import embr_rl.models  # noqa: F401  (registers the built-in model with the Auto
 from embr_rl.config import BuiltinModelConfig, ModelConfig
 from embr_rl.models.modeling import EmbrDiffusionConfig, EmbrDiffusionModel
 from embr_rl.models.native import NATIVE_MODELS, NativeModel
-from embr_rl.models.remote import enable_gradient_checkpointing, load_remote_model
+from embr_rl.models.remote import (
+    check_transformers_version,
+    enable_gradient_checkpointing,
+    load_remote_model,
+)
 
 log = logging.getLogger(__name__)
 
@@ -202,6 +206,7 @@ def load_model(
 
     Raises :class:`ModelLoadError` when the model has no mask token or returns no logits.
     """
+    check_transformers_version()
     path = path or cfg.path
     if path == "builtin":
         raise ModelLoadError(
@@ -218,9 +223,7 @@ def load_model(
         if native is not None:
             model_config = native.config_class.from_pretrained(path)
         else:
-            model_config = AutoConfig.from_pretrained(
-                path, trust_remote_code=cfg.trust_remote_code
-            )
+            model_config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
         tokenizer = load_tokenizer(
             cfg.tokenizer or path,
             cfg.trust_remote_code,

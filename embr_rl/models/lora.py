@@ -29,7 +29,9 @@ def wrap_lora(model: nn.Module, lora: Any) -> nn.Module:
 
 def linear_names(model: nn.Module) -> set[str]:
     """The last name part of every linear layer (what peft matches ``target_modules`` on)."""
-    return {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    return {
+        name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)
+    }
 
 
 def check_targets(model: nn.Module, targets: Any) -> None:

@@ -138,7 +138,9 @@ def _what_is_missing(exc: BaseException, installed: str) -> str:
     if isinstance(exc, ImportError):
         return f"transformers {installed} does not provide a name the code imports"
     if isinstance(exc, TypeError):
-        return f"a call between the code and transformers {installed} no longer matches its signature"
+        return (
+            f"a call between the code and transformers {installed} no longer matches its signature"
+        )
     return f"the code relies on transformers behaviour that {installed} does not have"
 
 
@@ -271,8 +273,8 @@ def _tie_weights_with_new_keywords(cls: type[PreTrainedModel]) -> Callable[..., 
         _log_once(
             cls,
             "tie_weights",
-            "tie_weights() takes none of transformers 5's keywords "
-            f"({', '.join(sorted(kwargs))}); calling it without them",
+            "old signature tie_weights(self); calling it without the keywords transformers "
+            f"passes ({', '.join(sorted(kwargs))})",
         )
         return original(self, **{k: v for k, v in kwargs.items() if k in accepted})
 
