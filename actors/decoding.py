@@ -19,11 +19,17 @@ Fast modes (each an approximation of the exact mode, measured by ``bench/decode.
   positions after it, attending to the cached prompt and finished blocks.
 - ``cache="dual"``: as ``prefix``, but the positions after the block are cached too and
   each later step computes only the block.
-- ``stop_at_eos=True``: a row whose finished block is all EOS gets EOS to the end of its
-  window and costs no more forwards.
+- ``stop_at_eos=True``: a row whose finished block holds a stop id followed only by stop
+  ids to the block's end (``text<|eot_id|><|endoftext|>...`` or a block of fill) gets EOS
+  to the end of its window and costs no more forwards. The text up to the row's first stop
+  id is what exact mode decodes, since later blocks never change earlier ones.
 
-Rows whose current block is finished (threshold mode) or that stopped at EOS are left out
-of later forwards. Pure PyTorch: no Ray, DeepSpeed or torch.distributed.
+The stop ids are ``eos_id`` followed by ``stop_ids`` (the end-of-turn tokens, e.g. LLaDA's
+``<|eot_id|>`` or Qwen's ``<|im_end|>``); ``suppress_eos=True`` bans all of them, and the
+fill after a stop is always ``eos_id`` (the first stop id when ``eos_id`` is None).
+
+Rows whose current block is finished (threshold mode) or that stopped are left out of
+later forwards. Pure PyTorch: no Ray, DeepSpeed or torch.distributed.
 """
 
 from __future__ import annotations
@@ -31,10 +37,13 @@ from __future__ import annotations
 import inspect
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from embr_rl.masking import stop_id_set
 
 REMASKING = ("low_confidence", "random")
 CACHE_MODES = ("prefix", "dual")
@@ -89,7 +98,14 @@ def gumbel_argmax(
 
 
 def supports_kv_cache(model: Any) -> bool:
-    """True when ``model.forward`` takes ``kv_cache``, ``position_ids`` and ``use_cache``."""
+    """True when ``model.forward`` takes ``kv_cache``, ``position_ids`` and ``use_cache``.
+
+    A peft (LoRA) wrapper forwards every keyword to the model it wraps, so that model's
+    signature is the one that counts.
+    """
+    get_base = getattr(model, "get_base_model", None)
+    if callable(get_base):
+        model = get_base()
     try:
         params = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
@@ -157,8 +173,7 @@ class _Forward:
         prompt_len: int,
         mask_id: int,
         cfg_scale: float,
-        eos_id: int | None,
-        suppress_eos: bool,
+        banned: Sequence[int],
         stats: DecodeStats,
     ) -> None:
         self.model = model
@@ -167,7 +182,8 @@ class _Forward:
         self.prompt_len = prompt_len
         self.mask_id = mask_id
         self.cfg_scale = cfg_scale
-        self.suppress = eos_id if suppress_eos else None
+        # The mask token is never a prediction: committing it would leave the position masked.
+        self.banned = list(dict.fromkeys([mask_id, *banned]))
         self.stats = stats
 
     def _inputs(self, x: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -188,9 +204,8 @@ class _Forward:
         if self.cfg_scale > 0:
             cond, unc = logits.chunk(2, dim=0)
             logits = unc + (self.cfg_scale + 1) * (cond - unc)
-        # The mask token is never a prediction: committing it would leave the position masked.
-        banned = [self.mask_id] if self.suppress is None else [self.mask_id, self.suppress]
-        if banned[0] < logits.shape[-1]:
+        banned = [i for i in self.banned if i < logits.shape[-1]]
+        if banned:
             logits = logits.clone()
             logits[..., banned] = float("-inf")
         return logits
@@ -267,6 +282,13 @@ def _commit_block(
     return torch.where(commit & masked, x0, block)
 
 
+def _ends_in_stops(block: torch.Tensor, stops: torch.Tensor) -> torch.Tensor:
+    """[R] True where the block [R, L] holds a stop id and only stop ids follow its first one."""
+    is_stop = torch.isin(block, stops)
+    seen = is_stop.cumsum(1) > 0  # at or after the row's first stop id in the block
+    return is_stop.any(1) & (is_stop | ~seen).all(1)
+
+
 @torch.no_grad()
 def generate(
     model: torch.nn.Module,
@@ -283,6 +305,7 @@ def generate(
     threshold: float | None = None,
     cache: str | None = None,
     eos_id: int | None = None,
+    stop_ids: Sequence[int] | None = None,
     suppress_eos: bool = False,
     stop_at_eos: bool = False,
     generator: torch.Generator | None = None,
@@ -292,6 +315,7 @@ def generate(
 
     ``threshold``, ``cache`` and ``stop_at_eos`` select the fast modes (module docstring);
     a model without a key/value cache falls back to ``cache=None`` with a warning.
+    ``suppress_eos`` and ``stop_at_eos`` act on every stop id: ``eos_id``, then ``stop_ids``.
     ``stats``, when given, is added to: forward passes, tokens committed (``B * gen_length``),
     positions computed and wall time. Masked tokens inside the prompt are left as they are.
     """
@@ -310,8 +334,11 @@ def generate(
         cache,
         vocab,
     )
-    if (suppress_eos or stop_at_eos) and eos_id is None:
-        raise ValueError("suppress_eos=True and stop_at_eos=True need eos_id")
+    stops = stop_id_set(eos_id, stop_ids)
+    if (suppress_eos or stop_at_eos) and not stops:
+        raise ValueError("suppress_eos=True and stop_at_eos=True need eos_id or stop_ids")
+    if mask_id in stops:
+        raise ValueError(f"mask_id {mask_id} cannot also be a stop id ({list(stops)})")
     if cache is not None and not supports_kv_cache(model):
         warnings.warn(
             f"{type(model).__name__} has no key/value cache (forward takes no kv_cache, "
@@ -331,9 +358,12 @@ def generate(
         [attention_mask.to(torch.long), torch.ones(b, gen_length, dtype=torch.long, device=device)],
         dim=1,
     )
-    fwd = _Forward(model, full_mask, p, mask_id, cfg_scale, eos_id, suppress_eos, call_stats)
+    fwd = _Forward(
+        model, full_mask, p, mask_id, cfg_scale, stops if suppress_eos else (), call_stats
+    )
+    stop_table = torch.tensor(stops, dtype=torch.long, device=device)
     steps_per_block = steps // (gen_length // block_length)
-    live = torch.arange(b, device=device)  # rows not stopped at EOS
+    live = torch.arange(b, device=device)  # rows not stopped
 
     for start in range(p, p + gen_length, block_length):
         end = start + block_length
@@ -377,8 +407,8 @@ def generate(
             )
             step += 1
         if stop_at_eos:
-            ended = (x[live, start:end] == eos_id).all(1)
-            x[live[ended], end:] = eos_id
+            ended = _ends_in_stops(x[live, start:end], stop_table)
+            x[live[ended], end:] = stops[0]
             live = live[~ended]
 
     call_stats.tokens_committed = b * gen_length

@@ -83,6 +83,8 @@ class RolloutWorker:
     names not given are built with :func:`actors.verifiers.build_verifier` from
     ``verifier_cfg`` on first use. ``seed`` makes the sampling of every batch reproducible.
     ``behaviour`` (None: not recorded) fills the rows' ``behaviour_logp`` column.
+    A completion's text is cut at its first stop id: ``eos_id`` (default: the tokenizer's)
+    or one of ``stop_ids`` (end-of-turn ids such as ``<|eot_id|>``).
     """
 
     def __init__(
@@ -96,6 +98,7 @@ class RolloutWorker:
         verifier_cfg: Any = None,
         num_scorers: int = 2,
         eos_id: int | None = None,
+        stop_ids: Sequence[int] | None = None,
         prompt_format: str = "plain",
         chat_template: bool = False,
         max_prompt_length: int | None = None,
@@ -113,6 +116,7 @@ class RolloutWorker:
         self.options = options
         self.group_size = group_size
         self.eos_id = eos_id if eos_id is not None else getattr(tokenizer, "eos_token_id", None)
+        self.stop_ids = tuple(int(i) for i in stop_ids or ())
         self.prompt_format = prompt_format
         self.chat_template = chat_template
         self.max_prompt_length = max_prompt_length
@@ -158,6 +162,7 @@ class RolloutWorker:
             verifier_cfg=cfg.verifier,
             num_scorers=cfg.verifier.num_processes,
             eos_id=loaded.eos_token_id,
+            stop_ids=loaded.stop_token_ids,
             prompt_format=cfg.task.prompt_format,
             chat_template=cfg.task.chat_template,
             worker_id=worker_id,
@@ -281,7 +286,9 @@ class RolloutWorker:
             out = self.engine.generate(repeated, self.options, seed=self.seed * 1_000_003 + batch)
             created = time.time()
             t_decode = time.perf_counter() - t0
-            texts = decode_completions(self.tokenizer, out.completion_ids, self.eos_id)
+            texts = decode_completions(
+                self.tokenizer, out.completion_ids, self.eos_id, self.stop_ids
+            )
             futures = [
                 self._verifier(problems[i // self.group_size].verifier).submit(
                     text, problems[i // self.group_size]

@@ -99,6 +99,7 @@ def evaluate(
         loaded.model,
         loaded.mask_token_id,
         eos_id=loaded.eos_token_id,
+        stop_ids=loaded.stop_token_ids,
         pad_id=loaded.pad_token_id,
         max_batch_size=cfg.batch_size,
     )
@@ -109,7 +110,9 @@ def evaluate(
         texts, prompts = encode_problems(chunk, tok, prompt_format, chat_template)
         out = engine.generate(prompts, options, seed=chunk_seed)
         stats.merge(out.stats)
-        completions = decode_completions(tok, out.completion_ids, loaded.eos_token_id)
+        completions = decode_completions(
+            tok, out.completion_ids, loaded.eos_token_id, loaded.stop_token_ids
+        )
         samples.extend(
             {
                 "id": p.id,

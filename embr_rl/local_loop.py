@@ -50,7 +50,11 @@ class LocalLoop:
         rollout_loaded.model = copy.deepcopy(loaded.model).eval()
         self.loaded = rollout_loaded
         spec = PolicySpec(
-            loaded.model, loaded.mask_token_id, loaded.pad_token_id, loaded.eos_token_id
+            loaded.model,
+            loaded.mask_token_id,
+            loaded.pad_token_id,
+            loaded.eos_token_id,
+            loaded.stop_token_ids,
         )
         self.learner = Learner(cfg.learner, cfg.algo, spec, lora=cfg.model.lora, seed=cfg.seed)
         self.worker = RolloutWorker.from_config(cfg, rollout_loaded, seed=cfg.seed)

@@ -12,6 +12,7 @@ is uniform on ``{0..L-1}`` and the masked set is uniform given its size.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +27,7 @@ __all__ = [
     "sample_prompt_mask",
     "sample_unit",
     "span_mask",
+    "stop_id_set",
 ]
 
 
@@ -191,18 +193,27 @@ def noised_inputs(
     return torch.cat([prompt, comp], dim=-1).reshape(b * n, -1)
 
 
+def stop_id_set(eos_id: int | None, stop_ids: Sequence[int] | None = None) -> tuple[int, ...]:
+    """The ids that end a completion: ``eos_id`` (if any) first, then ``stop_ids``, each once."""
+    ids = [] if eos_id is None else [int(eos_id)]
+    ids.extend(int(i) for i in stop_ids or ())
+    return tuple(dict.fromkeys(ids))
+
+
 def span_mask(
     completion_ids: Tensor,
     *,
     span: str = "window",
     eos_id: int | None = None,
+    stop_ids: Sequence[int] | None = None,
     valid: Tensor | None = None,
 ) -> Tensor:
     """[B, L] bool likelihood span (DESIGN §4.1).
 
     ``window``: every generated position (the trailing EOS fill included). ``until_eos``:
-    positions up to and including the first ``eos_id`` (the d1 convention). ``valid``
-    optionally excludes padding.
+    positions up to and including the first stop id (the d1 convention), the stop ids
+    being ``eos_id`` and ``stop_ids`` (e.g. LLaDA's ``<|eot_id|>``). ``valid`` optionally
+    excludes padding.
     """
     mask = (
         torch.ones_like(completion_ids, dtype=torch.bool) if valid is None else valid.bool().clone()
@@ -211,10 +222,12 @@ def span_mask(
         return mask
     if span != "until_eos":
         raise ValueError(f"span must be 'window' or 'until_eos', got {span!r}")
-    if eos_id is None:
-        raise ValueError("span='until_eos' needs eos_id")
-    is_eos = (completion_ids == eos_id).long()
-    before = (is_eos.cumsum(-1) - is_eos) == 0
+    stops = stop_id_set(eos_id, stop_ids)
+    if not stops:
+        raise ValueError("span='until_eos' needs eos_id or stop_ids")
+    table = torch.tensor(stops, dtype=completion_ids.dtype, device=completion_ids.device)
+    is_stop = torch.isin(completion_ids, table).long()
+    before = (is_stop.cumsum(-1) - is_stop) == 0
     return mask & before
 
 

@@ -26,10 +26,12 @@ __all__ = ["TokenIds", "pairs_to_batch", "rows_to_batch", "shard", "split_batch"
 
 @dataclass(frozen=True)
 class TokenIds:
-    """Special ids the converter needs: padding, and EOS for ``likelihood_span='until_eos'``."""
+    """Special ids the converter needs: padding, and the stop ids (EOS, then end-of-turn
+    ids such as ``<|eot_id|>``) that end ``likelihood_span='until_eos'``."""
 
     pad_id: int = 0
     eos_id: int | None = None
+    stop_ids: tuple[int, ...] = ()
 
 
 def _left_pad(table: pa.Table, column: str, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -64,7 +66,13 @@ def rows_to_batch(
     )
     completion = torch.from_numpy(comp)
     old_logp, prompt_masks = _behaviour_logp(table, lengths, comp.shape[1], prompt.shape)
-    mask = span_mask(completion, span=span, eos_id=ids.eos_id, valid=torch.from_numpy(cvalid))
+    mask = span_mask(
+        completion,
+        span=span,
+        eos_id=ids.eos_id,
+        stop_ids=ids.stop_ids,
+        valid=torch.from_numpy(cvalid),
+    )
     return LossBatch(
         prompt_ids=torch.from_numpy(prompt).to(device),
         completion_ids=completion.to(device),

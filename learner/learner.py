@@ -75,12 +75,14 @@ ENERGY_HEAD_LOSSES = frozenset({"embr_e"})
 
 @dataclass
 class PolicySpec:
-    """The network to train and the token ids the learner needs."""
+    """The network to train and the token ids the learner needs (``stop_ids``: the ids
+    besides ``eos_id`` that end ``likelihood_span='until_eos'``, e.g. ``<|eot_id|>``)."""
 
     model: nn.Module
     mask_id: int
     pad_id: int = 0
     eos_id: int | None = None
+    stop_ids: tuple[int, ...] = ()
 
 
 def init_distributed(
@@ -196,7 +198,7 @@ class Learner:
                 f"allowed: an even number (algo.name={algo.name!r} trains on pairs)"
             )
         self.device = _device()
-        self.ids = TokenIds(spec.pad_id, spec.eos_id)
+        self.ids = TokenIds(spec.pad_id, spec.eos_id, tuple(spec.stop_ids))
         self.loss_fn = get_loss(algo.name)
         self.lora = lora is not None and lora.enabled
 
@@ -260,7 +262,11 @@ class Learner:
 
         loaded = load_model(cfg.model, for_training=True)
         spec = PolicySpec(
-            loaded.model, loaded.mask_token_id, loaded.pad_token_id, loaded.eos_token_id
+            loaded.model,
+            loaded.mask_token_id,
+            loaded.pad_token_id,
+            loaded.eos_token_id,
+            loaded.stop_token_ids,
         )
         return cls(cfg.learner, cfg.algo, spec, lora=cfg.model.lora, seed=cfg.seed)
 

@@ -17,6 +17,8 @@ class TorchEngine:
 
     Prompts are decoded ``max_batch_size`` at a time (the left padding of a chunk is its
     longest prompt). ``seed`` seeds one generator per call, so a call is reproducible.
+    ``eos_id`` and ``stop_ids`` (end-of-turn ids) are the stop ids of ``suppress_eos`` and
+    ``stop_at_eos``; the fill after a stop is ``eos_id``.
     """
 
     name = "torch"
@@ -27,6 +29,7 @@ class TorchEngine:
         mask_id: int,
         *,
         eos_id: int | None = None,
+        stop_ids: Sequence[int] | None = None,
         pad_id: int = 0,
         max_batch_size: int = 64,
     ) -> None:
@@ -35,6 +38,7 @@ class TorchEngine:
         self.model = model
         self.mask_id = mask_id
         self.eos_id = eos_id
+        self.stop_ids = tuple(int(i) for i in stop_ids or ())
         self.pad_id = pad_id
         self.max_batch_size = max_batch_size
 
@@ -75,6 +79,7 @@ class TorchEngine:
                     threshold=options.threshold,
                     cache=options.cache,
                     eos_id=self.eos_id,
+                    stop_ids=self.stop_ids,
                     suppress_eos=options.suppress_eos,
                     stop_at_eos=options.stop_at_eos,
                     generator=gen,
@@ -99,6 +104,7 @@ def _build_torch(
     model: torch.nn.Module | None = None,
     mask_id: int | None = None,
     eos_id: int | None = None,
+    stop_ids: Sequence[int] | None = None,
     pad_id: int = 0,
     max_batch_size: int = 64,
 ) -> TorchEngine:
@@ -108,9 +114,17 @@ def _build_torch(
             loaded.model,
             loaded.mask_token_id,
             eos_id=loaded.eos_token_id,
+            stop_ids=loaded.stop_token_ids,
             pad_id=loaded.pad_token_id,
             max_batch_size=max_batch_size,
         )
     if model is None or mask_id is None:
         raise ValueError("the torch engine needs loaded=LoadedModel, or model= and mask_id=")
-    return TorchEngine(model, mask_id, eos_id=eos_id, pad_id=pad_id, max_batch_size=max_batch_size)
+    return TorchEngine(
+        model,
+        mask_id,
+        eos_id=eos_id,
+        stop_ids=stop_ids,
+        pad_id=pad_id,
+        max_batch_size=max_batch_size,
+    )

@@ -4,8 +4,10 @@ Install with the ``vllm`` extra, in its own environment or image (vLLM pins its 
 and transformers). ``vllm`` is imported only when a :class:`VLLMEngine` is built, so the
 rest of the project never needs it. Confidence-based decoding then happens inside vLLM:
 ``gen_length`` becomes ``max_tokens``, the temperature and seed go to ``SamplingParams``,
-and the diffusion options (block length, steps, threshold, cache, remasking) travel in
-``SamplingParams.extra_args`` for models whose vLLM implementation reads them.
+the end-of-turn ids to its ``stop_token_ids`` (``suppress_eos`` becomes ``min_tokens``,
+which holds back the EOS and those ids alike), and the diffusion options (block length,
+steps, threshold, cache, remasking) travel in ``SamplingParams.extra_args`` for models
+whose vLLM implementation reads them.
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ class VLLMEngine:
     ``llm`` may be given ready-made (tests pass a fake); otherwise ``vllm.LLM(model=model,
     **llm_kwargs)`` is built. ``weight_loader(llm, state_dict)`` applies new weights; the
     default goes through ``LLM.apply_model`` and each model's ``load_weights``.
+    ``stop_ids`` (end-of-turn ids, e.g. ``<|eot_id|>``) stop a completion as the EOS does;
+    a completion is filled with ``eos_id`` (else ``pad_id``) to ``gen_length``.
     """
 
     name = "vllm"
@@ -55,6 +59,7 @@ class VLLMEngine:
         *,
         llm: Any = None,
         eos_id: int | None = None,
+        stop_ids: Sequence[int] | None = None,
         pad_id: int = 0,
         weight_loader: WeightLoader | None = None,
         **llm_kwargs: Any,
@@ -66,6 +71,7 @@ class VLLMEngine:
             llm = self._vllm.LLM(model=model, **llm_kwargs)
         self.llm = llm
         self.eos_id = eos_id
+        self.stop_ids = tuple(int(i) for i in stop_ids or () if i != eos_id)
         self.pad_id = pad_id
         self.weight_loader = weight_loader or _apply_model_loader
 
@@ -83,6 +89,7 @@ class VLLMEngine:
             temperature=options.temperature,
             max_tokens=options.gen_length,
             min_tokens=options.gen_length if options.suppress_eos else 0,
+            stop_token_ids=list(self.stop_ids) or None,
             seed=seed,
             extra_args=extra,
         )
@@ -123,6 +130,7 @@ def _build_vllm(
     if model is None and loaded is not None:
         model = getattr(getattr(loaded.model, "config", None), "name_or_path", None)
         kwargs.setdefault("eos_id", loaded.eos_token_id)
+        kwargs.setdefault("stop_ids", loaded.stop_token_ids)
         kwargs.setdefault("pad_id", loaded.pad_token_id)
     if max_batch_size is not None:
         kwargs.setdefault("max_num_seqs", max_batch_size)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -120,7 +122,7 @@ def test_suppress_eos_never_emits_eos(tiny_model) -> None:
             "allowed: low_confidence, random",
         ),
         (dict(gen_length=8, block_length=4, steps=4, threshold=0.0), "threshold"),
-        (dict(gen_length=8, block_length=4, steps=4, suppress_eos=True), "eos_id"),
+        (dict(gen_length=8, block_length=4, steps=4, suppress_eos=True), "eos_id or stop_ids"),
     ],
 )
 def test_invalid_arguments_raise_clear_errors(tiny_model, kwargs: dict, match: str) -> None:
@@ -305,7 +307,7 @@ def test_cached_forward_reproduces_the_full_forward(sharp_model, cfg_scale: floa
     x = torch.cat([ids, torch.full((3, g), TINY_MASK_ID)], dim=1)
     x[:, p : p + 3] = torch.tensor([4, 5, 6])
     full_mask = torch.cat([mask, torch.ones(3, g, dtype=torch.long)], dim=1)
-    fwd = _Forward(sharp_model, full_mask, p, TINY_MASK_ID, cfg_scale, None, False, DecodeStats())
+    fwd = _Forward(sharp_model, full_mask, p, TINY_MASK_ID, cfg_scale, (), DecodeStats())
     rows = torch.tensor([2, 0])
     start, end = p + 4, p + 8
     want = fwd.full(x, rows, start, end)
@@ -420,3 +422,128 @@ def test_threshold_mode_never_needs_more_forwards_than_exact(tiny_model) -> None
     thr = generate(tiny_model, ids, mask, threshold=1.0, stats=thr_stats, **kw)
     assert torch.equal(thr, exact)
     assert thr_stats.forward_passes == exact_stats.forward_passes == 4
+
+
+# --------------------------------------------------------------------------- stop ids
+
+EOT = 4  # stands for an end-of-turn id such as LLaDA's <|eot_id|>; EOS is 1
+
+
+class _Prefers(torch.nn.Module):
+    """Logits that strongly favour ``ids`` at every position (a little noise between them)."""
+
+    def __init__(self, ids: tuple[int, ...]) -> None:
+        super().__init__()
+        self.ids = list(ids)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        b, t = input_ids.shape
+        logits = torch.zeros(b, t, TINY_VOCAB)
+        logits[..., self.ids] = 10.0 + torch.rand(b, t, len(self.ids))
+
+        class Out:
+            pass
+
+        out = Out()
+        out.logits = logits
+        return out
+
+
+def test_suppress_eos_bans_every_stop_id() -> None:
+    model = _Prefers((1, EOT))
+    ids = torch.tensor([[5, 6], [7, 8]])
+    kw = dict(gen_length=8, block_length=4, steps=8, mask_id=TINY_MASK_ID, temperature=1.0)
+    free = generate(model, ids, eos_id=1, generator=torch.Generator().manual_seed(0), **kw)
+    assert set(free[:, 2:].unique().tolist()) == {1, EOT}
+    eos_only = generate(
+        model, ids, eos_id=1, suppress_eos=True, generator=torch.Generator().manual_seed(0), **kw
+    )
+    assert not (eos_only[:, 2:] == 1).any() and (eos_only[:, 2:] == EOT).all()
+    both = generate(
+        model,
+        ids,
+        eos_id=1,
+        stop_ids=[EOT],
+        suppress_eos=True,
+        generator=torch.Generator().manual_seed(0),
+        **kw,
+    )
+    comp = both[:, 2:]
+    assert not ((comp == 1) | (comp == EOT) | (comp == TINY_MASK_ID)).any()
+
+
+# Each row's completion, chosen by its first prompt token; 9 stands for text after the end.
+_SCRIPTS = {
+    2: [7, 7, EOT, 1, 9, 9, 9, 9, 9, 9, 9, 9],  # <eot> then EOS fill: stops after block 1
+    3: [7, EOT, 9, 1, 9, 9, 9, 9, 9, 9, 9, 9],  # text after the <eot>: never stops
+    5: [7, 7, 7, EOT, 9, 9, 9, 9, 9, 9, 9, 9],  # <eot> ends the block: stops after block 1
+    6: [9, 9, 9, 9, 1, EOT, 1, 1, 9, 9, 9, 9],  # a block of stop ids only: stops after block 2
+}
+
+
+class _Script(torch.nn.Module):
+    """Sure of ``_SCRIPTS[first prompt token]`` at the completion's positions (the last 12)."""
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        b, t = input_ids.shape
+        logits = torch.zeros(b, t, TINY_VOCAB)
+        for r in range(b):
+            script = torch.tensor(_SCRIPTS[int(input_ids[r, 0])])
+            logits[r, torch.arange(t - 12, t), script] = 10.0
+
+        class Out:
+            pass
+
+        out = Out()
+        out.logits = logits
+        return out
+
+
+def test_stop_at_eos_stops_at_an_end_of_turn_id_and_fills_with_eos() -> None:
+    ids = torch.tensor([[2, 0], [3, 0], [5, 0], [6, 0]])
+    kw = dict(gen_length=12, block_length=4, steps=12, mask_id=TINY_MASK_ID, eos_id=1)
+    full_stats, stop_stats = DecodeStats(), DecodeStats()
+    full = generate(_Script(), ids, stats=full_stats, **kw)
+    assert full[:, 2:].tolist() == [_SCRIPTS[k] for k in (2, 3, 5, 6)]
+    out = generate(_Script(), ids, stop_ids=[EOT], stop_at_eos=True, stats=stop_stats, **kw)
+    assert out[:, 2:].tolist() == [
+        [7, 7, EOT, 1] + [1] * 8,
+        _SCRIPTS[3],
+        [7, 7, 7, EOT] + [1] * 8,
+        [9, 9, 9, 9, 1, EOT, 1, 1] + [1] * 4,
+    ]
+    # Rows run: block 1 all four, block 2 rows 3 and 6, block 3 row 3 (4 steps a block).
+    assert stop_stats.positions_computed == 14 * 4 * (4 + 2 + 1)
+    assert full_stats.positions_computed == 14 * 4 * 12
+    # With the EOS alone, <eot> is text: only the row ending its block with EOS stops.
+    eos_only = generate(_Script(), ids, stop_at_eos=True, **kw)
+    assert eos_only[0, 2:].tolist() == [7, 7, EOT, 1] + [1] * 8
+    assert eos_only[2, 2:].tolist() == _SCRIPTS[5]
+
+
+def test_stop_ids_without_eos_fill_with_the_first_stop_id() -> None:
+    ids = torch.tensor([[2, 0], [5, 0]])
+    kw = dict(gen_length=12, block_length=4, steps=12, mask_id=TINY_MASK_ID)
+    out = generate(_Script(), ids, stop_ids=[EOT, 1], stop_at_eos=True, **kw)
+    assert out[:, 2:].tolist() == [[7, 7, EOT, 1] + [EOT] * 8, [7, 7, 7, EOT] + [EOT] * 8]
+    with pytest.raises(ValueError, match="cannot also be a stop id"):
+        generate(_Script(), ids, eos_id=1, stop_ids=[TINY_MASK_ID], **kw)
+
+
+def test_a_lora_wrapped_model_keeps_its_cache(sharp_model) -> None:
+    """peft's wrapper takes ``**kwargs``; the cache must still be used through it."""
+    pytest.importorskip("peft")
+    from actors.decoding import supports_kv_cache
+    from embr_rl.config import LoraConfig
+    from embr_rl.models.lora import wrap_lora
+
+    wrapped = wrap_lora(sharp_model, LoraConfig(enabled=True, r=2, dropout=0.0)).eval()
+    assert supports_kv_cache(wrapped)
+    ids, mask = _mixed_prompts()
+    kw = dict(gen_length=8, block_length=4, steps=4, mask_id=TINY_MASK_ID)
+    exact, fast = DecodeStats(), DecodeStats()
+    generate(wrapped, ids, mask, stats=exact, **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        generate(wrapped, ids, mask, cache="dual", stats=fast, **kw)
+    assert fast.positions_computed < exact.positions_computed

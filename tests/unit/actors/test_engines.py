@@ -64,6 +64,23 @@ def test_torch_engine_seeded_sampling_and_weight_update(tiny_model) -> None:
     assert not torch.equal(engine.generate(PROMPTS, OPTIONS).completion_ids, before)
 
 
+def test_torch_engine_passes_every_stop_id_to_the_decoder(tiny_model) -> None:
+    # 4 stands for an end-of-turn id; with it suppressed neither it nor the EOS appears.
+    bias = torch.zeros(tiny_model.config.vocab_size)
+    bias[[1, 4]] = 50.0
+    with torch.no_grad():
+        tiny_model.lm_head.bias = torch.nn.Parameter(bias)
+    engine = build_engine(
+        "torch", model=tiny_model, mask_id=TINY_MASK_ID, eos_id=1, stop_ids=[4], max_batch_size=2
+    )
+    assert engine.stop_ids == (4,)
+    free = engine.generate(PROMPTS, OPTIONS, seed=0).completion_ids
+    assert set(free.unique().tolist()) <= {1, 4}
+    sup = DecodeOptions(gen_length=8, block_length=4, steps=4, suppress_eos=True)
+    out = engine.generate(PROMPTS, sup, seed=0).completion_ids
+    assert not ((out == 1) | (out == 4)).any()
+
+
 # --------------------------------------------------------------------------- vLLM (faked)
 
 
@@ -113,8 +130,19 @@ def test_vllm_engine_with_a_fake_vllm(fake_vllm) -> None:
     assert [p["prompt_token_ids"] for p in prompts] == PROMPTS
     assert (params.temperature, params.max_tokens, params.seed) == (0.9, 4, 7)
     assert params.extra_args["threshold"] == 0.9 and params.extra_args["steps"] == 2
+    assert params.stop_token_ids is None and params.min_tokens == 0
     engine.update_weights({"w": torch.ones(2)})
     assert [k for k, _ in engine.llm.loaded] == ["w"]
+
+
+def test_vllm_engine_stops_at_end_of_turn_ids(fake_vllm) -> None:
+    engine = build_engine("vllm", model="some/dllm", eos_id=1, stop_ids=[1, 4, 6])
+    engine.generate(PROMPTS, DecodeOptions(gen_length=4, block_length=4, steps=2))
+    assert engine.llm.calls[-1][1].stop_token_ids == [4, 6]
+    engine.generate(
+        PROMPTS, DecodeOptions(gen_length=4, block_length=4, steps=2, suppress_eos=True)
+    )
+    assert engine.llm.calls[-1][1].min_tokens == 4
 
 
 def test_vllm_engine_without_vllm_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:

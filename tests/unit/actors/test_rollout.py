@@ -11,6 +11,7 @@ import torch
 from actors.engines import DecodeOptions, EngineOutput
 from actors.engines.torch_engine import TorchEngine
 from actors.rollout import RolloutWorker
+from actors.verifiers import Score
 from buffer.schema import SAMPLE_SCHEMA, validate
 from embr_rl.config import BuiltinModelConfig, TaskConfig
 from embr_rl.models.loader import build_builtin_model
@@ -147,12 +148,63 @@ def test_from_config_builds_engine_verifier_and_options(model, tokenizer, proble
         chat_template=None,
         device=torch.device("cpu"),
         dtype=torch.float32,
+        stop_token_ids=(tokenizer.eos_token_id, 5),
     )
     worker = RolloutWorker.from_config(cfg, loaded)
     assert worker.options.threshold == 0.9 and worker.options.cache == "prefix"
+    assert worker.stop_ids == (tokenizer.eos_token_id, 5) == worker.engine.stop_ids
     table = worker.generate(problems[:2])
     worker.close()
     assert table.num_rows == 4 and worker.engine.name == "torch"
+
+
+class _FixedEngine:
+    """Returns the same completion for every prompt."""
+
+    name = "fixed"
+
+    def __init__(self, completion: list[int]) -> None:
+        self.completion = completion
+
+    def generate(
+        self, prompts: Sequence[Sequence[int]], options: DecodeOptions, *, seed: int | None = None
+    ) -> EngineOutput:
+        return EngineOutput(torch.tensor([self.completion] * len(prompts)))
+
+    def update_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        pass
+
+
+class _Recorder:
+    """A verifier that keeps the texts it is given."""
+
+    name = "recorder"
+
+    def __init__(self) -> None:
+        self.texts: list[str] = []
+
+    def score(self, completion: str, reference: object) -> Score:
+        self.texts.append(completion)
+        return Score(reward=0.0)
+
+
+def test_completion_text_is_cut_at_an_end_of_turn_id(tokenizer, problems) -> None:
+    eot = tokenizer.convert_tokens_to_ids("9")  # any id can be declared a stop id
+    enc = tokenizer("12", add_special_tokens=False)["input_ids"]
+    engine = _FixedEngine([*enc, eot, *enc, tokenizer.eos_token_id])
+    recorder = _Recorder()
+    verifiers = {p.verifier: recorder for p in problems}
+    worker = RolloutWorker(
+        engine, tokenizer, OPTIONS, group_size=1, verifiers=verifiers, stop_ids=[eot]
+    )
+    table = worker.generate(problems[:1])
+    worker.close()
+    assert recorder.texts == ["12"]
+    assert table.column("completion_ids").to_pylist() == [engine.completion]
+    plain = RolloutWorker(engine, tokenizer, OPTIONS, group_size=1, verifiers=verifiers)
+    plain.generate(problems[:1])
+    plain.close()
+    assert recorder.texts == ["12", "12912"]
 
 
 # --------------------------------------------------------------------------- behaviour log-probs

@@ -62,3 +62,18 @@ def test_evaluate_decodes_scores_and_groups(tiny_model) -> None:
     assert res.by_group == {"2": 0.5, "3": 0.0}
     assert res.stats.forward_passes == 8  # two batches x 4 steps
     assert all(len(s["completion"]) <= 8 for s in res.samples)
+
+
+def test_evaluate_stops_and_cuts_at_end_of_turn_ids(tiny_model) -> None:
+    # The model is sure of 4 everywhere: 4 stands for an end-of-turn id (<|eot_id|>).
+    bias = torch.zeros(tiny_model.config.vocab_size)
+    bias[4] = 50.0
+    with torch.no_grad():
+        tiny_model.lm_head.bias = torch.nn.Parameter(bias)
+    problems = [Problem(id="0", task="arith", question="1+0=", answer="1")]
+    cfg = EvalConfig(batch_size=1, gen_length=8, block_length=4, steps=4, stop_at_eos=True)
+    args = (tiny_model, _CharTok(), TINY_MASK_ID, 1, 0, None, torch.device("cpu"), torch.float32)
+    plain = evaluate(LoadedModel(*args), problems, cfg, scorer=lambda c, p: 0.0)
+    assert plain.samples[0]["completion"] == "e" * 8 and plain.stats.forward_passes == 4
+    turn = evaluate(LoadedModel(*args, (1, 4)), problems, cfg, scorer=lambda c, p: 0.0)
+    assert turn.samples[0]["completion"] == "" and turn.stats.forward_passes == 2

@@ -13,6 +13,7 @@ from embr_rl.masking import (
     sample_prompt_mask,
     sample_unit,
     span_mask,
+    stop_id_set,
 )
 
 
@@ -137,6 +138,31 @@ def test_span_mask_until_eos() -> None:
     assert span_mask(ids).all()
     got = span_mask(ids, span="until_eos", eos_id=1)
     assert got.tolist() == [[True, True, True, False, False], [True] * 5]
+
+
+def test_span_mask_until_eos_ends_at_the_first_stop_id() -> None:
+    # 9 stands for an end-of-turn id (<|eot_id|>), 1 for the EOS.
+    ids = torch.tensor([[4, 9, 1, 1, 1], [4, 5, 1, 9, 1], [4, 5, 6, 7, 8], [9, 9, 9, 9, 9]])
+    got = span_mask(ids, span="until_eos", eos_id=1, stop_ids=[9])
+    assert got.tolist() == [
+        [True, True, False, False, False],
+        [True, True, True, False, False],
+        [True] * 5,
+        [True, False, False, False, False],
+    ]
+    # The EOS alone: row 0's <eot> is an ordinary token and row 3 never ends.
+    assert span_mask(ids, span="until_eos", eos_id=1)[[0, 3]].tolist() == [
+        [True, True, True, False, False],
+        [True] * 5,
+    ]
+    assert torch.equal(span_mask(ids, span="until_eos", stop_ids=[1, 9]), got)
+    valid = torch.ones_like(ids, dtype=torch.bool)
+    valid[2, 3:] = False
+    padded = span_mask(ids, span="until_eos", eos_id=1, stop_ids=[9], valid=valid)
+    assert padded[2].tolist() == [True, True, True, False, False]
+    with pytest.raises(ValueError, match="needs eos_id or stop_ids"):
+        span_mask(ids, span="until_eos")
+    assert stop_id_set(1, [9, 1, 4]) == (1, 9, 4) and stop_id_set(None, None) == ()
 
 
 def test_block_masks_follow_the_block_sampler() -> None:

@@ -47,6 +47,20 @@ def test_rows_left_pad_prompts_and_span() -> None:
     assert w.completion_mask.tolist() == [[True, True, True], [True, True, False]]
 
 
+def test_until_eos_span_ends_at_any_stop_id() -> None:
+    # 4 stands for an end-of-turn id (<|eot_id|>) after which the EOS (1) fills the window.
+    t = _rows([[5], [5], [5]], [[2, 4, 1, 1], [3, 1, 4, 1], [2, 3, 5, 6]], ["a", "a", "b"])
+    ids = TokenIds(pad_id=0, eos_id=1, stop_ids=(4,))
+    b = rows_to_batch(t, MODELS, ids=ids, span="until_eos")
+    assert b.completion_mask.tolist() == [
+        [True, True, False, False],
+        [True, True, False, False],
+        [True] * 4,
+    ]
+    eos_only = rows_to_batch(t, MODELS, ids=IDS, span="until_eos")
+    assert eos_only.completion_mask[0].tolist() == [True, True, True, False]
+
+
 def test_pairs_interleaved_and_split_whole() -> None:
     first = _rows([[5]] * 4, [[2, 3]] * 4, ["a", "b", "c", "d"])
     second = _rows([[5]] * 4, [[4, 3]] * 4, ["a", "b", "c", "d"], "s")

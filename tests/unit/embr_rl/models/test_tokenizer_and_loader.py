@@ -11,10 +11,12 @@ import torch
 from embr_rl.config import BuiltinModelConfig, ModelConfig
 from embr_rl.models import EmbrDiffusionModel
 from embr_rl.models.loader import (
+    LoadedModel,
     ModelLoadError,
     build_builtin_model,
     check_returns_logits,
     find_mask_token_id,
+    find_stop_token_ids,
     load_model,
     resolve_dtype,
 )
@@ -56,6 +58,61 @@ def test_completion_window_eos_fill_and_decode(tok) -> None:
     assert decode_completions(tok, win, tok.eos_token_id) == ["12", "3"]
     with pytest.raises(ValueError, match="completion 0"):
         encode_completions(tok, ["1234"], 4, tok.eos_token_id)
+
+
+def _chat_tok(*extra: str):
+    """The character tokenizer with end-of-turn tokens added as specials."""
+    chat = train_char_tokenizer([ALPHABET])
+    chat.add_special_tokens({"additional_special_tokens": list(extra)})
+    return chat
+
+
+def test_decode_completions_cuts_at_the_first_stop_id() -> None:
+    chat = _chat_tok("<|eot_id|>")
+    eot, eos = chat.convert_tokens_to_ids("<|eot_id|>"), chat.eos_token_id
+    enc = chat("12", add_special_tokens=False)["input_ids"]
+    rows = torch.tensor(
+        [
+            [*enc, eot, *enc, eos, eos],
+            [*enc, eos, *enc, eot, eos],
+            [*enc, *enc, *enc, eos],
+        ]
+    )
+    assert decode_completions(chat, rows, eos, [eot]) == ["12", "12", "121212"]
+    # With the EOS alone the <eot> (a special, so not printed) does not end the text.
+    assert decode_completions(chat, rows, eos)[0] == "1212"
+    assert decode_completions(chat, rows, None, [eot])[1] == "1212"
+
+
+def test_find_stop_token_ids_takes_end_of_turn_tokens_or_the_config_list() -> None:
+    chat = _chat_tok("<|eot_id|>", "<|im_end|>")
+    eot, im_end = (chat.convert_tokens_to_ids(t) for t in ("<|eot_id|>", "<|im_end|>"))
+    eos = chat.eos_token_id
+    assert find_stop_token_ids(chat) == (eos, eot, im_end)
+    qwen = _chat_tok("<|im_end|>")
+    assert find_stop_token_ids(qwen) == (eos, qwen.convert_tokens_to_ids("<|im_end|>"))
+    assert find_stop_token_ids(train_char_tokenizer([ALPHABET])) == (eos,)
+    # An explicit model.stop_token_ids replaces the search (the EOS stays first, once).
+    assert find_stop_token_ids(chat, [im_end, eos, 7]) == (eos, im_end, 7)
+    assert find_stop_token_ids(chat, []) == (eos,)
+
+
+def test_loaded_model_stop_ids_default_to_the_eos(tok) -> None:
+    kw = dict(model=None, tokenizer=tok, mask_token_id=2, pad_token_id=0, chat_template=None)
+    kw |= dict(device=torch.device("cpu"), dtype=torch.float32)
+    assert LoadedModel(eos_token_id=1, **kw).stop_token_ids == (1,)
+    assert LoadedModel(eos_token_id=1, stop_token_ids=(1, 9), **kw).stop_token_ids == (1, 9)
+    assert LoadedModel(eos_token_id=None, **kw).stop_token_ids == ()
+
+
+def test_load_model_finds_stop_token_ids(tmp_path: Path) -> None:
+    chat = _chat_tok("<|eot_id|>")
+    eot = chat.convert_tokens_to_ids("<|eot_id|>")
+    path = _save(tmp_path, chat)
+    loaded = load_model(ModelConfig(path=str(path), device="cpu"))
+    assert loaded.stop_token_ids == (chat.eos_token_id, eot)
+    explicit = load_model(ModelConfig(path=str(path), device="cpu", stop_token_ids=[5]))
+    assert explicit.stop_token_ids == (chat.eos_token_id, 5)
 
 
 def _save(tmp_path: Path, tok) -> Path:
