@@ -5,8 +5,8 @@
 Part 1 decodes held-out arithmetic problems with the demo base model (default: the demo's
 ``runs/demo/base_model``, else ``runs/decode_base/base_model``) at temperature 0, at the
 demo's length (32, block 8, 16 steps) and at 128/256 (block 32, steps = length / 2, the d1
-protocol). Part 2 times a random model of LLaDA-8B's shape scaled down to fit a CPU
-(head dim 128, FFN 3x hidden, vocabulary scaled down too). Modes run round-robin and the
+protocol). Part 2 times the native LLaDA implementation with random weights in LLaDA-8B's shape
+scaled down to fit a CPU (head dim 128, FFN 3x hidden, vocabulary scaled down too). Modes run round-robin and the
 median wall time of ``--repeats`` runs is kept; every ratio is against exact mode in the
 same run. "agree" is the share of completions identical to exact mode's.
 """
@@ -143,11 +143,15 @@ def bench_demo(args: argparse.Namespace) -> None:
                     steps=steps,
                     mask_id=loaded.mask_token_id,
                     eos_id=loaded.eos_token_id,
+                    stop_ids=loaded.stop_token_ids,
                     stats=stats,
                     **mode,
                 )
                 outputs += decode_completions(
-                    loaded.tokenizer, out[:, ids.shape[1] :], loaded.eos_token_id
+                    loaded.tokenizer,
+                    out[:, ids.shape[1] :],
+                    loaded.eos_token_id,
+                    loaded.stop_token_ids,
                 )
             return outputs, stats
 
@@ -162,28 +166,55 @@ def bench_demo(args: argparse.Namespace) -> None:
         )
 
 
-def bench_random(args: argparse.Namespace) -> None:
-    from embr_rl.models import EmbrDiffusionConfig, EmbrDiffusionModel
+def llada_shaped(args: argparse.Namespace) -> torch.nn.Module:
+    """The native LLaDA (``embr_rl.models.native``) with LLaDA-8B's structure scaled down:
+    head dimension 128, as many key/value heads as heads, SwiGLU FFN 3x the width, RoPE
+    theta 500000, untied head; random weights, the output head scaled by ``--head-scale`` so
+    that some predictions are confident (flat random logits never cross a threshold)."""
+    from embr_rl.models.native import LLaDANativeConfig, LLaDANativeModel
 
-    torch.manual_seed(0)
-    cfg = EmbrDiffusionConfig(
+    heads = args.random_width // 128
+    cfg = LLaDANativeConfig(
+        d_model=args.random_width,
+        n_heads=heads,
+        n_kv_heads=heads,
+        n_layers=args.random_layers,
+        mlp_hidden_size=3 * args.random_width,
         vocab_size=args.random_vocab,
-        hidden_size=256,
-        num_hidden_layers=args.random_layers,
-        num_attention_heads=2,
-        intermediate_size=768,
-        max_position_embeddings=4096,
+        embedding_size=args.random_vocab,
+        block_type="llama",
+        activation_type="silu",
+        layer_norm_type="rms",
+        rope=True,
+        rope_theta=500000.0,
+        weight_tying=False,
+        attention_dropout=0.0,
+        residual_dropout=0.0,
+        embedding_dropout=0.0,
+        max_sequence_length=4096,
         mask_token_id=args.random_vocab - 1,
     )
-    model = EmbrDiffusionModel(cfg).eval()
+    torch.manual_seed(0)
+    model = LLaDANativeModel(cfg).eval()
+    with torch.no_grad():
+        model.transformer["ff_out"].weight.mul_(args.head_scale)
+    return model
+
+
+def bench_random(args: argparse.Namespace) -> None:
+    model = llada_shaped(args)
+    mask_id = args.random_vocab - 1
     prompts = torch.randint(0, args.random_vocab - 2, (args.random_batch, 32))
     print(
-        f"\nrandom LLaDA-shaped model: {args.random_layers} layers x 256 (2 heads of 128, FFN 768), vocabulary "
-        f"{args.random_vocab}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
-        f"parameters, batch {args.random_batch}, prompt 32, T=0. Random weights are flat, so "
-        "threshold modes fall back to the exact schedule here: read this part for the cost of the cache."
+        f"\nnative LLaDA of LLaDA-8B's shape scaled down: {args.random_layers} layers x "
+        f"{args.random_width} ({args.random_width // 128} heads of 128, FFN "
+        f"{3 * args.random_width}), vocabulary {args.random_vocab}, "
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, batch "
+        f"{args.random_batch}, prompt 32, T=0, head scale {args.head_scale}, median of "
+        f"{args.repeats}. Random weights: read this part for cost, 'agree' for how far each "
+        "approximation moves the output."
     )
-    modes = ["exact", "prefix", "dual", "thr0.9+prefix", "thr0.9+dual"]
+    modes = ["exact", "thr0.9", "prefix", "dual", "thr0.9+prefix", "thr0.9+dual"]
     for gen_length in args.random_gen_lengths:
         block, steps = settings(gen_length)
 
@@ -195,15 +226,17 @@ def bench_random(args: argparse.Namespace) -> None:
                 gen_length=gen_length,
                 block_length=block,
                 steps=steps,
-                mask_id=cfg.mask_token_id,
+                mask_id=mask_id,
                 stats=stats,
                 **mode,
             )
             return out[:, 32:].tolist(), stats
 
-        results = run_modes(run, modes, 1)
+        results = run_modes(run, modes, args.repeats)
         report(
-            f"random model, gen_length {gen_length}, block {block}, steps {steps}", results, None
+            f"native LLaDA-shaped, gen_length {gen_length}, block {block}, steps {steps}",
+            results,
+            None,
         )
 
 
@@ -216,7 +249,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--gen-lengths", type=int, nargs="+", default=[32, 128, 256])
     ap.add_argument("--random-gen-lengths", type=int, nargs="+", default=[128, 256])
-    ap.add_argument("--random-batch", type=int, default=2)
+    ap.add_argument("--random-batch", type=int, default=8)
+    ap.add_argument("--random-width", type=int, default=512, help="a multiple of 128")
+    ap.add_argument("--head-scale", type=float, default=1.0)
     ap.add_argument("--random-vocab", type=int, default=4096)
     ap.add_argument("--random-layers", type=int, default=2)
     ap.add_argument("--skip-demo", action="store_true")
