@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 
-from embr_rl.masking import stop_id_set
+from embr_rl.core.masking import stop_id_set
 
 REMASKING = ("low_confidence", "random")
 CACHE_MODES = ("prefix", "dual")

@@ -4,7 +4,7 @@ A plain class (``embr_rl/run.py`` wraps it with ``ray.remote``). It holds the po
 behind a :class:`~actors.engines.RolloutEngine` and the policy's weight version; for each
 batch of problems it decodes ``group_size`` completions per prompt, scores them with the
 problem's verifier on a bounded scoring pool, and returns the rows in the buffer's schema
-(:data:`buffer.schema.SAMPLE_SCHEMA`). New weights are applied between batches, never
+(:data:`embr_rl.core.experience.SAMPLE_SCHEMA`). New weights are applied between batches, never
 while a batch is being generated. With a :class:`BehaviourScorer` the rows also carry the
 sampling policy's per-token log-probabilities (``behaviour_logp``), which d1's importance
 ratios need when a row is trained on after the policy has moved.
@@ -25,17 +25,17 @@ import torch
 from actors.engines import DecodeOptions, RolloutEngine, build_engine
 from actors.verifiers import Score, Verifier, build_verifier
 from actors.verifiers.pool import ScoringPool, collect
-from buffer.schema import empty_table, rows_from_dicts
-from embr_rl.losses import d1_token_logprobs
-from embr_rl.models.tokenizer import decode_completions
-from embr_rl.tasks import Problem
-from embr_rl.tasks.prompts import encode_problems
-from learner.sync import SyncSpec, WeightSyncClient
+from embr_rl.core.experience import empty_table, rows_from_dicts
+from embr_rl.core.losses import d1_token_logprobs
+from embr_rl.core.models.tokenizer import decode_completions
+from embr_rl.core.tasks import Problem
+from embr_rl.core.tasks.prompts import encode_problems
+from embr_rl.core.transport import SyncSpec, WeightSyncClient
 
 
 class BehaviourScorer:
     """The sampling policy's per-token log-probs of its own completions, scored right after
-    decoding with the learner's d1 estimator (:func:`embr_rl.losses.d1_token_logprobs`, no
+    decoding with the learner's d1 estimator (:func:`embr_rl.core.losses.d1_token_logprobs`, no
     prompt masking), so the learner's ratio ``pi_theta / pi_behaviour`` is 1 on fresh rows."""
 
     def __init__(self, algo: Any, *, mask_id: int, pad_id: int) -> None:
@@ -149,8 +149,8 @@ class RolloutWorker:
         ``verifier``, ``model``); ``loaded`` is a ``LoadedModel`` (None: load ``cfg.model``)."""
         r = cfg.rollout
         if loaded is None:
-            from embr_rl.models.loader import load_model
-            from embr_rl.models.lora import for_inference
+            from embr_rl.core.models.loader import load_model
+            from embr_rl.core.models.lora import for_inference
 
             loaded = load_model(cfg.model)
             loaded.model = for_inference(loaded.model, cfg.model.lora)
@@ -219,7 +219,7 @@ class RolloutWorker:
     # ------------------------------------------------------------------ weight sync
 
     def connect_weight_sync(self, spec: SyncSpec) -> None:
-        """Join the learner's weight broadcast (see :class:`learner.sync.WeightSyncClient`)."""
+        """Join the learner's weight broadcast (see :class:`embr_rl.core.transport.WeightSyncClient`)."""
         model = getattr(self.engine, "model", None)
         if model is None:
             raise TypeError(
@@ -380,7 +380,7 @@ class ConfiguredRolloutWorker(RolloutWorker):
     def __init__(
         self, cfg: Any, *, worker_id: str, seed: int, num_threads: int | None = None
     ) -> None:
-        from embr_rl.cli import quiet_libraries
+        from embr_rl.core.runtime import quiet_libraries
 
         quiet_libraries()
         if num_threads is not None:

@@ -52,9 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    from embr_rl.config import load_config
+    from embr_rl.core.config import load_config
+    from embr_rl.core.losses import compute_energies, get_loss
     from embr_rl.local_loop import LocalLoop
-    from embr_rl.losses import compute_energies, get_loss
     from learner.batching import to_loss_batch
     from learner.learner import shutdown_distributed
 

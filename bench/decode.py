@@ -95,11 +95,11 @@ def report(title: str, results: dict[str, dict], score: Callable[[list], float] 
 
 
 def bench_demo(args: argparse.Namespace) -> None:
-    from embr_rl.config import ModelConfig, TaskConfig
-    from embr_rl.eval import correctness_scorer
-    from embr_rl.models.loader import load_model
-    from embr_rl.models.tokenizer import decode_completions, encode_prompts
-    from embr_rl.tasks import format_prompt, load_task
+    from embr_rl.core.config import ModelConfig, TaskConfig
+    from embr_rl.core.models.loader import load_model
+    from embr_rl.core.models.tokenizer import decode_completions, encode_prompts
+    from embr_rl.core.tasks import format_prompt, load_task
+    from embr_rl.evaluation.evaluate import correctness_scorer
 
     path = Path(args.model) if args.model else default_model()
     loaded = load_model(ModelConfig(path=str(path), device="cpu"))
@@ -167,11 +167,11 @@ def bench_demo(args: argparse.Namespace) -> None:
 
 
 def llada_shaped(args: argparse.Namespace) -> torch.nn.Module:
-    """The native LLaDA (``embr_rl.models.native``) with LLaDA-8B's structure scaled down:
+    """The native LLaDA (``embr_rl.core.models.native``) with LLaDA-8B's structure scaled down:
     head dimension 128, as many key/value heads as heads, SwiGLU FFN 3x the width, RoPE
     theta 500000, untied head; random weights, the output head scaled by ``--head-scale`` so
     that some predictions are confident (flat random logits never cross a threshold)."""
-    from embr_rl.models.native import LLaDANativeConfig, LLaDANativeModel
+    from embr_rl.core.models.native import LLaDANativeConfig, LLaDANativeModel
 
     heads = args.random_width // 128
     cfg = LLaDANativeConfig(

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 
-from embr_rl.config import load_config
-from embr_rl.eval import evaluate
-from embr_rl.models.loader import load_model
+from embr_rl.core.config import load_config
+from embr_rl.core.models.loader import load_model
+from embr_rl.core.tasks import load_task
+from embr_rl.evaluation.evaluate import evaluate
 from embr_rl.pretrain import WRONG_ANSWER_BASE_MODEL
-from embr_rl.tasks import load_task
 
 _BOX = re.compile(r"\\boxed\{(-?\d+)\}")
 _STEP = re.compile(r"=(-?\d+)")

@@ -22,10 +22,10 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from embr_rl.config import AlgoConfig, BuiltinModelConfig
-from embr_rl.losses import LOSSES, LossBatch, LossModels
-from embr_rl.models import EmbrDiffusionConfig, EmbrDiffusionModel
-from embr_rl.models.energy_head import EnergyHead
+from embr_rl.core.config import AlgoConfig, BuiltinModelConfig
+from embr_rl.core.losses import LOSSES, LossBatch, LossModels
+from embr_rl.core.models import EmbrDiffusionConfig, EmbrDiffusionModel
+from embr_rl.core.models.energy_head import EnergyHead
 
 VOCAB, MASK_ID, PROMPT_LEN, COMPLETION_LEN, GROUP = 64, 63, 16, 32, 4
 

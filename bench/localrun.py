@@ -55,9 +55,9 @@ def run_one(job: Job) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(1)
-    from embr_rl.config import load_config
+    from embr_rl.core.config import load_config
+    from embr_rl.core.tasks import load_task
     from embr_rl.local_loop import LocalLoop
-    from embr_rl.tasks import load_task
     from learner.learner import shutdown_distributed
 
     t0 = time.time()

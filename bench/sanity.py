@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from embr_rl.config import load_config
+from embr_rl.core.config import load_config
 from embr_rl.local_loop import LocalLoop, StepRecord
 from learner.learner import shutdown_distributed
 

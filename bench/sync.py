@@ -1,7 +1,7 @@
 """Weight broadcast: seconds per update and effective GB/s, torch.distributed vs object store.
 
 For 10M and 100M fp32 parameters (tensors of 1M elements, like a model's layers) and 1, 2
-and 4 receivers (Ray actors holding a :class:`learner.sync.WeightSyncClient`), the driver
+and 4 receivers (Ray actors holding a :class:`embr_rl.core.transport.WeightSyncClient`), the driver
 plays learner rank 0 and pushes one update; the time runs from the start of the push until
 every receiver has staged and applied it. Next to it: a raw ``memcpy`` of the same bytes
 (one copy per receiver) on this machine, the physical limit of any local transfer.
@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from learner.sync import (
+from embr_rl.core.transport import (
     SyncSpec,
     WeightSyncClient,
     build_manifest,

@@ -2,8 +2,7 @@
 offline datasets and an optional sharded router. See ``docs/buffer.md``."""
 
 from buffer.offline import OfflineDataset, OfflineDatasetError, load_offline
-from buffer.replay import AddResult, ExperienceBuffer, PairBatch
-from buffer.schema import SAMPLE_SCHEMA, SchemaError, rows_from_dicts, token_matrix, validate
+from buffer.replay import AddResult, ExperienceBuffer
 from buffer.sharded import LocalShardClient, RayShardClient, ShardClient, ShardedBuffer, route
 from buffer.storage import (
     BufferStorage,
@@ -11,6 +10,14 @@ from buffer.storage import (
     SnapshotStore,
     make_storage,
     register_storage,
+)
+from embr_rl.core.experience import (
+    SAMPLE_SCHEMA,
+    PairBatch,
+    SchemaError,
+    rows_from_dicts,
+    token_matrix,
+    validate,
 )
 
 __all__ = [

@@ -30,8 +30,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from buffer.schema import OFFLINE_VERSION, SAMPLE_SCHEMA, is_finite_number, validate
 from buffer.storage import ParquetStorage, write_atomic
+from embr_rl.core.experience import OFFLINE_VERSION, SAMPLE_SCHEMA, is_finite_number, validate
 
 log = logging.getLogger(__name__)
 

@@ -6,9 +6,9 @@ for the sampling arithmetic, so ``add`` appends chunks without copying the row d
 ``sample`` is one ``Table.take``.
 
 What the learner gets: ``sample`` and ``pop`` return a ``pyarrow.Table`` of
-:data:`buffer.schema.SAMPLE_SCHEMA`; ``sample_pairs`` returns :class:`PairBatch`, two such
+:data:`embr_rl.core.experience.SAMPLE_SCHEMA`; ``sample_pairs`` returns :class:`PairBatch`, two such
 tables aligned row by row. Scalars convert with ``table["reward"].to_numpy()``, token ids
-with :func:`buffer.schema.token_matrix` (both then ``torch.from_numpy``).
+with :func:`embr_rl.core.experience.token_matrix` (both then ``torch.from_numpy``).
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from buffer.schema import SAMPLE_SCHEMA, empty_table, validate
 from buffer.storage import SnapshotStore, make_storage, write_atomic
+from embr_rl.core.experience import SAMPLE_SCHEMA, PairBatch, empty_table, validate
 
 if TYPE_CHECKING:
-    from embr_rl.config import BufferConfig
+    from embr_rl.core.config import BufferConfig
 
 GeneratorLike = np.random.Generator | int | None
 
@@ -42,18 +42,6 @@ class AddResult:
     size: int  # rows held after the call
     lag: float  # learner steps' worth of rows added since the learner's last draw
     should_wait: bool  # True: pause, then poll ``should_wait()``
-
-
-@dataclass(frozen=True)
-class PairBatch:
-    """Two completions per prompt: ``first[i]`` and ``second[i]`` share ``prompt_id``."""
-
-    first: pa.Table
-    second: pa.Table
-    equal_reward_share: float
-
-    def __len__(self) -> int:
-        return self.first.num_rows
 
 
 class ExperienceBuffer:

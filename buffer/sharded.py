@@ -21,8 +21,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from buffer.replay import AddResult, GeneratorLike, PairBatch
-from buffer.schema import empty_table, validate
+from buffer.replay import AddResult, GeneratorLike
+from embr_rl.core.experience import PairBatch, empty_table, validate
 
 
 class ShardClient(Protocol):

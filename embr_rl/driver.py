@@ -34,11 +34,11 @@ import ray
 from ray.exceptions import ActorDiedError, RayError
 
 from embr_rl.checkpointing import CheckpointManager
-from embr_rl.config import Config
-from embr_rl.tasks import Problem
-from embr_rl.tasks.stream import PromptStream
+from embr_rl.core.config import Config
+from embr_rl.core.tasks import Problem
+from embr_rl.core.tasks.stream import PromptStream
+from embr_rl.learner_group import LearnerGroup, mean_metrics
 from embr_rl.telemetry import MetricsLogger
-from learner.group import LearnerGroup, mean_metrics
 
 # --------------------------------------------------------------------------- state
 

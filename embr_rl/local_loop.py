@@ -17,11 +17,11 @@ import torch
 
 from actors.rollout import RolloutWorker
 from buffer.replay import ExperienceBuffer
-from embr_rl.config import Config
-from embr_rl.eval import EvalResult, evaluate
-from embr_rl.models.loader import load_model
-from embr_rl.tasks import Problem, load_task
-from embr_rl.tasks.stream import PromptStream
+from embr_rl.core.config import Config
+from embr_rl.core.models.loader import load_model
+from embr_rl.core.tasks import Problem, load_task
+from embr_rl.core.tasks.stream import PromptStream
+from embr_rl.evaluation.evaluate import EvalResult, evaluate
 from learner.learner import Learner, PolicySpec, init_distributed
 
 __all__ = ["LocalLoop", "StepRecord"]
@@ -126,7 +126,7 @@ class LocalLoop:
 if __name__ == "__main__":  # pragma: no cover - experiments from the command line
     import sys
 
-    from embr_rl.config import load_config
+    from embr_rl.core.config import load_config
 
     torch.set_num_threads(1)
     c = load_config(sys.argv[1], sys.argv[2:])

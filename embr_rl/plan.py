@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from embr_rl.config import Config, ConfigError, LoraConfig, load_config
+from embr_rl.core.config import Config, ConfigError, LoraConfig, load_config
 
 GIB = 1024**3
 
@@ -185,7 +185,7 @@ def energy_head_count(hidden_size: int, head_hidden: int) -> int:
 
 def _builtin_vocab_size() -> int:
     """Vocabulary of the demo's character tokenizer (what ``embr_rl.pretrain`` trains)."""
-    from embr_rl.models.tokenizer import train_char_tokenizer
+    from embr_rl.core.models.tokenizer import train_char_tokenizer
     from embr_rl.pretrain import ARITH_ALPHABET
 
     return len(train_char_tokenizer([ARITH_ALPHABET]))

@@ -27,14 +27,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from embr_rl.cli import quiet_libraries
-from embr_rl.config import Config, ConfigError, load_config, save_config
-from embr_rl.eval import EvalResult, evaluate
-from embr_rl.masking import sample_masks
-from embr_rl.models.loader import LoadedModel, build_builtin_model, resolve_device
-from embr_rl.models.tokenizer import encode_completions, encode_prompts, train_char_tokenizer
-from embr_rl.tasks import load_task
-from embr_rl.tasks.arith import train_stream
+from embr_rl.core.config import Config, ConfigError, load_config, save_config
+from embr_rl.core.masking import sample_masks
+from embr_rl.core.models.loader import LoadedModel, build_builtin_model, resolve_device
+from embr_rl.core.models.tokenizer import encode_completions, encode_prompts, train_char_tokenizer
+from embr_rl.core.runtime import quiet_libraries
+from embr_rl.core.tasks import load_task
+from embr_rl.core.tasks.arith import train_stream
+from embr_rl.evaluation.evaluate import EvalResult, evaluate
 
 # Every character an arith problem or solution can contain.
 ARITH_ALPHABET = "0123456789+-*=();\\boxed{}"

@@ -31,9 +31,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from embr_rl.cli import local_cluster_auth, quiet_libraries
-from embr_rl.config import Config, ConfigError, load_config, save_config
-from embr_rl.models.loader import ModelLoadError
+from embr_rl.cluster import local_cluster_auth
+from embr_rl.core.config import Config, ConfigError, load_config, save_config
+from embr_rl.core.models.loader import ModelLoadError
+from embr_rl.core.runtime import quiet_libraries
 from embr_rl.pretrain import base_model_dir, is_trained, pretrain
 
 USAGE = "usage: python -m embr_rl.run CONFIG.yaml [key=value ...]"
@@ -234,11 +235,11 @@ def make_fleet(cfg: Config, run_dir: Path) -> Any:
     """Create the buffer, rollout workers, learner group and evaluator actors."""
     import ray
 
-    from actors.evaluator import Evaluator
     from actors.rollout import ConfiguredRolloutWorker
     from buffer.replay import ExperienceBuffer
     from embr_rl.driver import Fleet
-    from learner.group import LearnerGroup
+    from embr_rl.evaluation.actor import Evaluator
+    from embr_rl.learner_group import LearnerGroup
 
     r, mode = cfg.rollout, cfg.algo.mode
     staleness: Any = 0 if mode == "sync" else "config"
@@ -316,7 +317,7 @@ def _load_offline(cfg: Config, fleet: Any) -> int:
     import ray
 
     from buffer.offline import load_offline
-    from embr_rl.models.loader import load_tokenizer
+    from embr_rl.core.models.loader import load_tokenizer
 
     b = cfg.buffer
     assert b.offline_path is not None
@@ -343,8 +344,8 @@ def run(cfg: Config) -> dict[str, Any]:
 
     from embr_rl import driver, report
     from embr_rl.checkpointing import CheckpointManager
-    from embr_rl.tasks import load_task
-    from embr_rl.tasks.stream import PromptStream
+    from embr_rl.core.tasks import load_task
+    from embr_rl.core.tasks.stream import PromptStream
     from embr_rl.telemetry import build_logger, read_jsonl
 
     t0 = time.perf_counter()

@@ -1,7 +1,7 @@
 """Learner: one DeepSpeed rank (:class:`Learner`), K ranks on Ray (:class:`LearnerGroup`),
-weight broadcast to rollout workers (:mod:`learner.sync`). See ``docs/learner.md``.
+weight broadcast to rollout workers (:mod:`embr_rl.core.transport`). See ``docs/learner.md``.
 
-Names are imported lazily: ``import learner.sync`` (used by rollout workers) must not pull
+Names are imported lazily: ``import embr_rl.core.transport`` (used by rollout workers) must not pull
 in DeepSpeed.
 """
 
@@ -15,11 +15,11 @@ _EXPORTS = {
     "PolicySpec": "learner.learner",
     "init_distributed": "learner.learner",
     "shutdown_distributed": "learner.learner",
-    "LearnerGroup": "learner.group",
-    "WeightBroadcast": "learner.sync",
-    "WeightReceiver": "learner.sync",
-    "WeightSyncClient": "learner.sync",
-    "get_broadcast": "learner.sync",
+    "LearnerGroup": "embr_rl.learner_group",
+    "WeightBroadcast": "embr_rl.core.transport",
+    "WeightReceiver": "embr_rl.core.transport",
+    "WeightSyncClient": "embr_rl.core.transport",
+    "get_broadcast": "embr_rl.core.transport",
     "to_loss_batch": "learner.batching",
 }
 

@@ -1,7 +1,7 @@
-"""Buffer rows -> :class:`embr_rl.losses.LossBatch`, rank shards and micro-batches.
+"""Buffer rows -> :class:`embr_rl.core.losses.LossBatch`, rank shards and micro-batches.
 
 Prompts are left-padded (with an attention mask), completions right-padded, and the
-likelihood span is built with :func:`embr_rl.masking.span_mask` (``algo.likelihood_span``)
+likelihood span is built with :func:`embr_rl.core.masking.span_mask` (``algo.likelihood_span``)
 over the real completion positions. A :class:`buffer.PairBatch` becomes rows interleaved
 ``first[0], second[0], first[1], ...`` with ``pairs = [[0, 1], [2, 3], ...]``, so any split
 on an even row boundary keeps every pair whole.
@@ -16,10 +16,9 @@ import pyarrow as pa
 import torch
 from torch import Tensor
 
-from buffer.replay import PairBatch
-from buffer.schema import token_matrix
-from embr_rl.losses import LossBatch, LossModels
-from embr_rl.masking import span_mask
+from embr_rl.core.experience import PairBatch, token_matrix
+from embr_rl.core.losses import LossBatch, LossModels
+from embr_rl.core.masking import span_mask
 
 __all__ = ["TokenIds", "pairs_to_batch", "rows_to_batch", "shard", "split_batch", "to_loss_batch"]
 

@@ -1,6 +1,6 @@
 """One learner rank: a DeepSpeed engine around the policy, the frozen reference, the loss.
 
-:class:`Learner` is a plain class (``embr_rl.run`` and :mod:`learner.group` wrap it for
+:class:`Learner` is a plain class (``embr_rl.run`` and :mod:`embr_rl.learner_group` wrap it for
 Ray). It needs ``torch.distributed`` to be initialised (see :func:`init_distributed`; a
 single rank initialises a one-process group by itself).
 
@@ -10,7 +10,7 @@ single rank initialises a one-process group by itself).
   on GPU (``precision=auto``).
 - Reference: a frozen copy of the initial policy, or, with ``model.lora.enabled``, the same
   network with the peft adapter disabled (no second copy).
-- ``embr_e``: the :class:`~embr_rl.models.EnergyHead` sits in the engine next to the policy,
+- ``embr_e``: the :class:`~embr_rl.core.models.EnergyHead` sits in the engine next to the policy,
   so it is optimised, clipped and checkpointed with it.
 - Mask draws are seeded from ``(seed, step, global micro-batch index)``: the same global
   batch gives the same masks on one rank or on K, and a resumed run draws what an
@@ -40,12 +40,11 @@ if not torch.cuda.is_available():
 
 import deepspeed
 
-from buffer.replay import PairBatch
-from embr_rl.config import AlgoConfig, Config, LearnerConfig, LoraConfig
-from embr_rl.losses import LossBatch, LossModels, LossOutput, get_loss
-from embr_rl.models.lora import wrap_lora
-from learner.batching import TokenIds, split_batch, to_loss_batch
-from learner.sync import (
+from embr_rl.core.config import AlgoConfig, Config, LearnerConfig, LoraConfig
+from embr_rl.core.experience import PairBatch
+from embr_rl.core.losses import LossBatch, LossModels, LossOutput, get_loss
+from embr_rl.core.models.lora import wrap_lora
+from embr_rl.core.transport import (
     Manifest,
     SyncSpec,
     SyncStats,
@@ -57,6 +56,7 @@ from learner.sync import (
     get_broadcast,
     unflatten_bucket,
 )
+from learner.batching import TokenIds, split_batch, to_loss_batch
 
 __all__ = [
     "PAIR_LOSSES",
@@ -212,7 +212,7 @@ class Learner:
         policy.train()
         head = None
         if algo.name in ENERGY_HEAD_LOSSES:
-            from embr_rl.models import EnergyHead
+            from embr_rl.core.models import EnergyHead
 
             head = EnergyHead(int(policy.config.hidden_size), algo.value_head_hidden).to(
                 self.device
@@ -258,7 +258,7 @@ class Learner:
     @classmethod
     def from_config(cls, cfg: Config) -> Learner:
         """Load ``cfg.model`` for training and build the rank (process group already set up)."""
-        from embr_rl.models.loader import load_model
+        from embr_rl.core.models.loader import load_model
 
         loaded = load_model(cfg.model, for_training=True)
         spec = PolicySpec(

@@ -42,7 +42,7 @@ TINY_MASK_ID = 31
 def build_tiny_model(seed: int = 0, **overrides: object) -> torch.nn.Module:
     """The tiny built-in model (2 layers, 64 dims, vocab 32, mask 31) with random weights;
     ``overrides`` change any ``EmbrDiffusionConfig`` field."""
-    from embr_rl.models import EmbrDiffusionConfig, EmbrDiffusionModel
+    from embr_rl.core.models import EmbrDiffusionConfig, EmbrDiffusionModel
 
     torch.manual_seed(seed)
     kwargs: dict[str, object] = dict(

@@ -9,7 +9,7 @@ import torch
 
 from actors.decoding import DecodeStats, generate
 from actors.engines import DecodeOptions, EngineOutput, register_engine
-from embr_rl.models.tokenizer import left_pad
+from embr_rl.core.models.tokenizer import left_pad
 
 
 class TorchEngine:

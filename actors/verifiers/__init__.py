@@ -46,7 +46,7 @@ class Score:
 @runtime_checkable
 class Verifier(Protocol):
     """Scores a completion against a reference: a mapping (or an object such as
-    ``embr_rl.tasks.Problem``) with ``answer`` (math) or ``test``/``tests``,
+    ``embr_rl.core.tasks.Problem``) with ``answer`` (math) or ``test``/``tests``,
     ``entry_point`` and optionally ``prompt`` (code)."""
 
     name: str
@@ -77,7 +77,7 @@ def build_verifier(name: str, cfg: Any = None) -> Verifier:
     if name not in _REGISTRY:
         raise KeyError(f"unknown verifier {name!r}; allowed: {', '.join(sorted(_REGISTRY))}")
     if cfg is None:
-        from embr_rl.config import VerifierConfig
+        from embr_rl.core.config import VerifierConfig
 
         cfg = VerifierConfig()
     return _REGISTRY[name](cfg)

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from actors.verifiers import Score, Verifier, build_verifier
-from embr_rl.config import (
+from embr_rl.core.config import (
     Config,
     ConfigError,
     EvalConfig,
@@ -33,9 +33,9 @@ from embr_rl.config import (
     load_config,
     save_config,
 )
+from embr_rl.core.tasks import Problem, load_task, task_names
 from embr_rl.evaluation.progress import Progress
 from embr_rl.evaluation.tables import aggregate, render_csv, render_markdown
-from embr_rl.tasks import Problem, load_task, task_names
 
 REPO = Path(__file__).resolve().parents[2]
 # The benchmark files next to the repository (what the tests and CI read).
@@ -370,7 +370,7 @@ class RecordingScorer:
         self.scores: list[Score] = []
 
     def __call__(self, completion: str, problem: Problem) -> float:
-        from embr_rl.eval import is_correct, verifier_reference
+        from embr_rl.evaluation.evaluate import is_correct, verifier_reference
 
         if problem.verifier not in self.verifiers:
             self.verifiers[problem.verifier] = build_verifier(problem.verifier, self.cfg)
@@ -405,7 +405,7 @@ def evaluate_shard(
     Batches of ``eval_cfg.batch_size`` get seeds ``seed``, ``seed + 1``, ...; a shard that
     starts at batch ``k`` of a task is passed ``seed + k``, so a sharded run decodes exactly
     the batches, with exactly the seeds, of a local one."""
-    from embr_rl.eval import evaluate
+    from embr_rl.evaluation.evaluate import evaluate
 
     scorer = RecordingScorer(verifier_cfg)
     result = evaluate(
@@ -445,7 +445,7 @@ def run_local(
     opts: EvalOptions, problems: dict[str, list[Problem]], progress: Progress | None
 ) -> list[dict[str, Any]]:
     """Every task at every length in this process, with one model load."""
-    from embr_rl.models.loader import load_model
+    from embr_rl.core.models.loader import load_model
 
     loaded = load_model(opts.cfg.model, opts.model)
     records: list[dict[str, Any]] = []
@@ -486,8 +486,8 @@ class EvalWorker:
     """A Ray actor body: loads the model once, then evaluates shards sent to it."""
 
     def __init__(self, model: str, model_cfg: ModelConfig) -> None:
-        from embr_rl.cli import quiet_libraries
-        from embr_rl.models.loader import load_model
+        from embr_rl.core.models.loader import load_model
+        from embr_rl.core.runtime import quiet_libraries
 
         quiet_libraries()
         self.loaded = load_model(model_cfg, model)
@@ -503,7 +503,7 @@ def _init_ray(cfg: Config) -> Any:
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS") or cfg.cluster.address
         if not address:
-            from embr_rl.cli import local_cluster_auth
+            from embr_rl.cluster import local_cluster_auth
 
             local_cluster_auth()
         ray.init(
@@ -617,7 +617,7 @@ def write_outputs(
 
 def run(opts: EvalOptions) -> dict[str, Path]:
     """Load the tasks, evaluate (locally or on Ray), write the outputs; return their paths."""
-    from embr_rl.cli import quiet_libraries
+    from embr_rl.core.runtime import quiet_libraries
 
     quiet_libraries()
     t0 = time.perf_counter()

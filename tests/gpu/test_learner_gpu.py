@@ -7,14 +7,14 @@ import math
 import pytest
 import torch
 
-from embr_rl.config import AlgoConfig, LearnerConfig
-from embr_rl.models import EmbrDiffusionConfig, EmbrDiffusionModel
+from embr_rl.core.config import AlgoConfig, LearnerConfig
+from embr_rl.core.models import EmbrDiffusionConfig, EmbrDiffusionModel
 
 pytestmark = [pytest.mark.gpu, pytest.mark.integration]
 
 
 def _rows():
-    from buffer.schema import rows_from_dicts
+    from embr_rl.core.experience import rows_from_dicts
 
     g = torch.Generator().manual_seed(0)
     return rows_from_dicts(

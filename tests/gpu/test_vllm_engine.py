@@ -32,7 +32,7 @@ def test_vllm_engine_generates_full_windows() -> None:
 
 
 def test_torch_engine_cache_modes_on_cuda() -> None:
-    from embr_rl.models import EmbrDiffusionConfig, EmbrDiffusionModel
+    from embr_rl.core.models import EmbrDiffusionConfig, EmbrDiffusionModel
 
     torch.manual_seed(0)
     cfg = EmbrDiffusionConfig(vocab_size=64, hidden_size=128, num_hidden_layers=2, mask_token_id=63)

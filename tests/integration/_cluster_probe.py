@@ -19,7 +19,7 @@ import urllib.request
 import grpc
 import psutil
 
-from embr_rl.config import load_config
+from embr_rl.core.config import load_config
 from embr_rl.run import start_ray
 
 # One real method per Ray gRPC service: token auth answers UNAUTHENTICATED before dispatch.

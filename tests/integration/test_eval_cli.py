@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from embr_rl.config import BuiltinModelConfig
-from embr_rl.eval import main
-from embr_rl.models.loader import build_builtin_model
-from embr_rl.models.tokenizer import train_char_tokenizer
+from embr_rl.core.config import BuiltinModelConfig
+from embr_rl.core.models.loader import build_builtin_model
+from embr_rl.core.models.tokenizer import train_char_tokenizer
+from embr_rl.evaluation.cli import main
 from embr_rl.pretrain import ARITH_ALPHABET
 
 REPO = Path(__file__).resolve().parents[2]

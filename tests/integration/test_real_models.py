@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from buffer.schema import rows_from_dicts
-from embr_rl.config import load_config
+from embr_rl.core.config import load_config
+from embr_rl.core.experience import rows_from_dicts
 from learner.learner import Learner, init_distributed, shutdown_distributed
 from tests.hub_snapshots import dream_snapshot, llada_snapshot
 

@@ -3,7 +3,7 @@
 Reward ``even_answer`` (1.0 when the boxed answer is an even integer, right or wrong): the
 demo's base model earns it on about half of its samples. Every online algorithm must drive
 the rollout reward from that base rate to at least 95% within 100 learner steps, with its
-default settings (``configs/demo.yaml`` and the algorithm's defaults in ``embr_rl.config``),
+default settings (``configs/demo.yaml`` and the algorithm's defaults in ``embr_rl.core.config``),
 on the demo's 128-row learner batches. The loop is Algorithm 1 in one process
 (:class:`embr_rl.local_loop.LocalLoop`), seeded, so a failure reproduces exactly; the
 algorithms run two at a time in their own processes (one torch thread each).
@@ -17,7 +17,7 @@ from concurrent.futures import ProcessPoolExecutor
 import pytest
 import torch
 
-from embr_rl.config import load_config
+from embr_rl.core.config import load_config
 from embr_rl.local_loop import LocalLoop, StepRecord
 from learner.learner import shutdown_distributed
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from embr_rl.config import Config, load_config
+from embr_rl.core.config import Config, load_config
 from embr_rl.telemetry import read_jsonl
 
 REPO = Path(__file__).resolve().parents[2]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from buffer.schema import rows_from_dicts
+from embr_rl.core.experience import rows_from_dicts
 from learner.learner import PolicySpec
 from tests.conftest import build_tiny_model
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 from learner_fixtures import rows, tiny_policy
 
-from embr_rl.config import AlgoConfig, Config, LearnerConfig
-from learner.group import LearnerGroup
+from embr_rl.core.config import AlgoConfig, Config, LearnerConfig
+from embr_rl.core.transport import WeightSyncClient
+from embr_rl.learner_group import LearnerGroup
 from learner.learner import Learner, init_distributed, shutdown_distributed
-from learner.sync import WeightSyncClient
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from learner_fixtures import rows, tiny_policy
 
-from embr_rl.config import AlgoConfig, LearnerConfig, LoraConfig
+from embr_rl.core.config import AlgoConfig, LearnerConfig, LoraConfig
 from learner.learner import Learner, init_distributed, shutdown_distributed
 
 pytestmark = pytest.mark.integration
@@ -79,7 +79,7 @@ def test_lora_trains_adapter_only_and_reference_is_base(one_rank: None) -> None:
 
 
 def test_hf_export_loads_with_from_pretrained(one_rank: None, tmp_path) -> None:
-    from embr_rl.models import EmbrDiffusionModel
+    from embr_rl.core.models import EmbrDiffusionModel
 
     learner = Learner(
         _cfg(zero_stage=3), AlgoConfig(name="embr_c", num_mc_samples=2), tiny_policy()
@@ -101,8 +101,8 @@ def test_lora_broadcast_sends_adapter_only(one_rank: None) -> None:
     pytest.importorskip("peft")
     import threading
 
-    from embr_rl.models.lora import wrap_lora
-    from learner.sync import SyncSpec, WeightSyncClient, free_port
+    from embr_rl.core.models.lora import wrap_lora
+    from embr_rl.core.transport import SyncSpec, WeightSyncClient, free_port
 
     lora = LoraConfig(enabled=True, r=4, alpha=8, dropout=0.0)
     learner = Learner(_cfg(), AlgoConfig(name="embr_c", num_mc_samples=2), tiny_policy(), lora=lora)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from learner_fixtures import rows, tiny_policy
 
-from embr_rl.config import AlgoConfig, LearnerConfig
+from embr_rl.core.config import AlgoConfig, LearnerConfig
 from learner.learner import Learner, init_distributed, shutdown_distributed
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -534,8 +534,8 @@ def test_a_lora_wrapped_model_keeps_its_cache(sharp_model) -> None:
     """peft's wrapper takes ``**kwargs``; the cache must still be used through it."""
     pytest.importorskip("peft")
     from actors.decoding import supports_kv_cache
-    from embr_rl.config import LoraConfig
-    from embr_rl.models.lora import wrap_lora
+    from embr_rl.core.config import LoraConfig
+    from embr_rl.core.models.lora import wrap_lora
 
     wrapped = wrap_lora(sharp_model, LoraConfig(enabled=True, r=2, dropout=0.0)).eval()
     assert supports_kv_cache(wrapped)

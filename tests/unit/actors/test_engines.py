@@ -12,7 +12,7 @@ import torch
 from actors.decoding import generate
 from actors.engines import DecodeOptions, RolloutEngine, build_engine, engine_names
 from actors.engines.torch_engine import TorchEngine
-from embr_rl.models.tokenizer import left_pad
+from embr_rl.core.models.tokenizer import left_pad
 from tests.conftest import TINY_MASK_ID
 
 PROMPTS: list[list[int]] = [[5, 6, 7], [9], [3, 4, 5, 6, 7], [12, 13]]
@@ -26,7 +26,7 @@ def test_registry_names_and_unknown_engine() -> None:
 
 
 def test_options_from_config_takes_the_decoding_keys() -> None:
-    from embr_rl.config import EvalConfig, RolloutConfig
+    from embr_rl.core.config import EvalConfig, RolloutConfig
 
     opts = DecodeOptions.from_config(RolloutConfig(threshold=0.9, cache="prefix"))
     assert (opts.threshold, opts.cache, opts.temperature, opts.gen_length) == (

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from embr_rl.config import BuiltinModelConfig, EvalConfig, TaskConfig
-from embr_rl.eval import evaluate
-from embr_rl.models.loader import LoadedModel, build_builtin_model
-from embr_rl.models.tokenizer import train_char_tokenizer
-from embr_rl.tasks import load_task
+from embr_rl.core.config import BuiltinModelConfig, EvalConfig, TaskConfig
+from embr_rl.core.models.loader import LoadedModel, build_builtin_model
+from embr_rl.core.models.tokenizer import train_char_tokenizer
+from embr_rl.core.tasks import load_task
+from embr_rl.evaluation.evaluate import evaluate
 
 
 def test_eval_config_fast_modes_change_the_decoding_cost() -> None:

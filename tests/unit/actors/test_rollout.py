@@ -12,10 +12,10 @@ from actors.engines import DecodeOptions, EngineOutput
 from actors.engines.torch_engine import TorchEngine
 from actors.rollout import RolloutWorker
 from actors.verifiers import Score
-from buffer.schema import SAMPLE_SCHEMA, validate
-from embr_rl.config import BuiltinModelConfig, TaskConfig
-from embr_rl.models.loader import build_builtin_model
-from embr_rl.tasks import Problem, load_task
+from embr_rl.core.config import BuiltinModelConfig, TaskConfig
+from embr_rl.core.experience import SAMPLE_SCHEMA, validate
+from embr_rl.core.models.loader import build_builtin_model
+from embr_rl.core.tasks import Problem, load_task
 
 OPTIONS = DecodeOptions(gen_length=8, block_length=4, steps=4, temperature=0.9)
 
@@ -27,7 +27,7 @@ def problems() -> list[Problem]:
 
 @pytest.fixture(scope="module")
 def tokenizer(problems: list[Problem]):
-    from embr_rl.models.tokenizer import train_char_tokenizer
+    from embr_rl.core.models.tokenizer import train_char_tokenizer
 
     return train_char_tokenizer(["0123456789+-=;\\boxed{}"] + [p.question for p in problems])
 
@@ -126,8 +126,8 @@ def test_weights_arriving_mid_generation_wait_for_the_batch(tokenizer, problems)
 
 
 def test_from_config_builds_engine_verifier_and_options(model, tokenizer, problems) -> None:
-    from embr_rl.config import load_config
-    from embr_rl.models.loader import LoadedModel
+    from embr_rl.core.config import load_config
+    from embr_rl.core.models.loader import LoadedModel
 
     cfg = load_config(
         overrides=[
@@ -223,8 +223,8 @@ def test_recorded_behaviour_logp_is_the_learners_d1_estimate_on_fresh_rows(
 ) -> None:
     """The ratio d1 takes on a fresh row is 1: the learner's estimate equals the recorded one
     (prompts of different lengths, so the learner's left padding differs from the worker's)."""
-    from embr_rl.config import AlgoConfig
-    from embr_rl.losses import LossModels, d1_loss, d1_token_logprobs
+    from embr_rl.core.config import AlgoConfig
+    from embr_rl.core.losses import LossModels, d1_loss, d1_token_logprobs
     from learner.batching import TokenIds, rows_to_batch
 
     algo = AlgoConfig(name="d1", block_length=4, masking=masking, kl_coef=0.0)
@@ -256,8 +256,8 @@ def test_after_an_update_d1_takes_its_ratio_to_the_recorded_behaviour_policy(
 ) -> None:
     from dataclasses import replace
 
-    from embr_rl.config import AlgoConfig
-    from embr_rl.losses import LossModels, d1_loss
+    from embr_rl.core.config import AlgoConfig
+    from embr_rl.core.losses import LossModels, d1_loss
     from learner.batching import TokenIds, rows_to_batch
 
     algo = AlgoConfig(name="d1", block_length=4, kl_coef=0.0, clip_eps=0.05)
@@ -290,7 +290,7 @@ def copy_with_noise(model: torch.nn.Module) -> torch.nn.Module:
 def test_rows_without_recorded_logp_leave_d1_on_the_current_policy(
     model, tokenizer, problems
 ) -> None:
-    from embr_rl.losses import LossModels
+    from embr_rl.core.losses import LossModels
     from learner.batching import TokenIds, rows_to_batch
 
     table = _worker(model, tokenizer).generate(problems[:1])

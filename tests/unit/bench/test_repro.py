@@ -63,7 +63,7 @@ def test_plan_names_the_command_when_a_method_was_not_swept() -> None:
 
 
 def test_every_planned_run_is_a_valid_config(tmp_path: Path) -> None:
-    from embr_rl.config import load_config
+    from embr_rl.core.config import load_config
 
     tuned = json.loads(repro.TUNED.read_text()) if repro.TUNED.exists() else None
     for job in repro.plan(
@@ -186,7 +186,7 @@ def test_sweep_stage2_tries_each_knob_at_the_stage1_winner() -> None:
 def test_tuned_settings_come_from_the_sweep() -> None:
     """bench/tuned.json is what bench/sweep.py wrote: one entry per online method, each with
     overrides that configs/demo.yaml accepts and the validation accuracy that chose them."""
-    from embr_rl.config import load_config
+    from embr_rl.core.config import load_config
 
     tuned = json.loads(repro.TUNED.read_text())
     assert set(tuned) == set(repro.ONLINE)

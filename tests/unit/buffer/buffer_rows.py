@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterable
 
 import pyarrow as pa
 
-from buffer.schema import rows_from_dicts
+from embr_rl.core.experience import rows_from_dicts
 
 
 def make_rows(

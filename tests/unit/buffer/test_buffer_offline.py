@@ -12,7 +12,7 @@ import pytest
 
 from buffer.offline import OfflineDatasetError, load_offline, make_encoder
 from buffer.replay import ExperienceBuffer
-from buffer.schema import OFFLINE_VERSION, SAMPLE_SCHEMA
+from embr_rl.core.experience import OFFLINE_VERSION, SAMPLE_SCHEMA
 
 
 class CharTokenizer:

@@ -9,8 +9,8 @@ import pytest
 from buffer_rows import ids_of, make_rows
 
 from buffer.replay import ExperienceBuffer
-from buffer.schema import OFFLINE_VERSION, SAMPLE_SCHEMA, SchemaError
-from embr_rl.config import BufferConfig, load_config
+from embr_rl.core.config import BufferConfig, load_config
+from embr_rl.core.experience import OFFLINE_VERSION, SAMPLE_SCHEMA, SchemaError
 
 
 def test_fifo_evicts_the_oldest_and_counts() -> None:

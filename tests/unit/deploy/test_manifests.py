@@ -14,7 +14,7 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-from embr_rl.config import load_config
+from embr_rl.core.config import load_config
 
 if sys.version_info >= (3, 11):
     import tomllib

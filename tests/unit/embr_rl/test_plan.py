@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from embr_rl.config import load_config
+from embr_rl.core.config import load_config
 from embr_rl.plan import (
     LLADA_8B,
     PlanError,
@@ -36,8 +36,8 @@ STATE_KEYS = (
 
 
 def _built_model(overrides: list[str]):  # type: ignore[no-untyped-def]
-    from embr_rl.models.loader import build_builtin_model
-    from embr_rl.models.tokenizer import train_char_tokenizer
+    from embr_rl.core.models.loader import build_builtin_model
+    from embr_rl.core.models.tokenizer import train_char_tokenizer
     from embr_rl.pretrain import ARITH_ALPHABET
 
     cfg = load_config(REPO / "configs/demo.yaml", ["model.path=builtin", *overrides])
@@ -202,7 +202,7 @@ def test_param_count_equals_the_native_model_built_from_the_hub_config(
     import torch
 
     from embr_rl import plan
-    from embr_rl.models.native import NATIVE_MODELS
+    from embr_rl.core.models.native import NATIVE_MODELS
 
     arch = getattr(plan, arch_name)
     if family == "llada":

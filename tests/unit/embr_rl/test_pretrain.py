@@ -52,7 +52,7 @@ def test_pretraining_is_a_function_of_config_and_seed(tmp_path) -> None:
     """Fixed steps and seeded draws (no clock budget): two runs give identical weights."""
     from safetensors.torch import load_file
 
-    from embr_rl.config import load_config
+    from embr_rl.core.config import load_config
     from embr_rl.pretrain import pretrain
 
     small = [
@@ -78,7 +78,7 @@ def test_shipped_base_model_is_what_demo_base_yaml_builds() -> None:
     """The shipped model's record names the settings configs/demo_base.yaml rebuilds it with."""
     import json
 
-    from embr_rl.config import load_config
+    from embr_rl.core.config import load_config
     from embr_rl.pretrain import WRONG_ANSWER_BASE_MODEL
 
     cfg = load_config("configs/demo_base.yaml")

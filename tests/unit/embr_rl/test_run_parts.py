@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 
 from embr_rl.checkpointing import CheckpointManager
-from embr_rl.config import ConfigError, load_config
+from embr_rl.core.config import ConfigError, load_config
+from embr_rl.core.tasks import Problem
+from embr_rl.core.tasks.stream import PromptStream
 from embr_rl.report import (
     format_table,
     moving_average,
@@ -19,8 +21,6 @@ from embr_rl.report import (
     sign_test_p,
     summary_rows,
 )
-from embr_rl.tasks import Problem
-from embr_rl.tasks.stream import PromptStream
 from embr_rl.telemetry import JsonlSink, MetricsLogger, ProgressSink, read_jsonl
 
 

@@ -5,10 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from buffer.replay import PairBatch
-from buffer.schema import rows_from_dicts
-from embr_rl.config import LearnerConfig
-from embr_rl.losses import LossModels
+from embr_rl.core.config import LearnerConfig
+from embr_rl.core.experience import PairBatch, rows_from_dicts
+from embr_rl.core.losses import LossModels
 from learner.batching import TokenIds, pairs_to_batch, rows_to_batch, shard, split_batch
 from learner.learner import lr_factor
 
@@ -104,7 +103,7 @@ def test_lr_warmup_then_decay() -> None:
     ],
 )
 def test_learner_config_fields_are_validated(override: str, key: str) -> None:
-    from embr_rl.config import ConfigError, load_config
+    from embr_rl.core.config import ConfigError, load_config
 
     assert load_config(overrides=[]).learner.placement_strategy == "PACK"
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

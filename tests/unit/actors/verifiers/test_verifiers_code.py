@@ -130,7 +130,7 @@ def test_require_isolation_turns_fallback_into_error(monkeypatch: pytest.MonkeyP
 
 def test_config_builds_code_verifier(monkeypatch: pytest.MonkeyPatch) -> None:
     from actors.verifiers import CodeVerifier, build_verifier
-    from embr_rl.config import ConfigError, load_config
+    from embr_rl.core.config import ConfigError, load_config
 
     cfg = load_config(None, ["verifier.code.reward=fraction", "verifier.code.timeout_s=3"])
     verifier = build_verifier("code", cfg.verifier)

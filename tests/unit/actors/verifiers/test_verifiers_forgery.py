@@ -20,7 +20,7 @@ import pytest
 
 from actors.verifiers import build_verifier
 from actors.verifiers.code import IsolationWarning, available
-from embr_rl.config import load_config
+from embr_rl.core.config import load_config
 
 pytestmark = pytest.mark.integration
 

@@ -85,7 +85,7 @@ def test_sanity_presets() -> None:
 
 
 def test_math_verifier_from_config() -> None:
-    from embr_rl.config import load_config
+    from embr_rl.core.config import load_config
 
     cfg = load_config(None, ["verifier.reward=d1_gsm8k"])
     v = build_verifier("math", cfg.verifier)

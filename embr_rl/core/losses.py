@@ -1,0 +1,626 @@
+"""EMBR objectives and baselines, one registry: ``loss_fn(batch, cfg) -> LossOutput``.
+
+EMBR-E, EMBR-C, EMBR-U (DESIGN §4.2, paper eqs. 9, 13, 19-21) and the baselines d1
+(diffu-GRPO), wd1, DPO-ELBO and VRPO (DESIGN §4.3). Each loss comes in two layers: a pure
+tensor *objective* (hand-checkable, used by the toy tests) and a registered ``loss_fn`` that
+computes the likelihood terms with the models carried in ``batch.models``.
+
+Choose a loss once with :func:`get_loss` (keyed by ``AlgoConfig.name``); never compare names
+in the training loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from embr_rl.core.config import AlgoConfig
+from embr_rl.core.likelihood import (
+    blockwise_token_logprobs,
+    completion_logprobs,
+    elbo_from_logprobs,
+    eubo_from_logprobs,
+    fully_masked_token_logprobs,
+)
+from embr_rl.core.masking import MaskDraw, sample_block_masks, sample_masks, sample_prompt_mask
+
+if TYPE_CHECKING:  # importing embr_rl.core.models loads transformers; only embr_e needs it
+    from embr_rl.core.models.energy_head import EnergyHead
+
+__all__ = [
+    "LOSSES",
+    "Energies",
+    "LossBatch",
+    "LossFn",
+    "LossModels",
+    "LossOutput",
+    "compute_energies",
+    "d1_objective",
+    "d1_token_logprobs",
+    "dpo_objective",
+    "embr_c_objective",
+    "embr_e_objective",
+    "embr_u_bracket",
+    "embr_u_objective",
+    "get_loss",
+    "group_mean",
+    "normalize_rewards",
+    "pair_within_groups",
+    "register_loss",
+    "share_within_pairs",
+    "wd1_objective",
+]
+
+
+# --------------------------------------------------------------------------- batch types
+
+
+@dataclass
+class LossModels:
+    """What a loss needs besides data; built once by the learner and attached to every batch.
+
+    ``reference`` is frozen (scored under ``no_grad``); ``energy_head`` is required by
+    ``embr_e`` only and must be in the optimiser with the policy; ``generator`` seeds every
+    mask draw (None: the global RNG).
+    """
+
+    policy: nn.Module
+    mask_id: int
+    reference: nn.Module | None = None
+    energy_head: EnergyHead | None = None
+    generator: torch.Generator | None = None
+
+
+@dataclass
+class LossBatch:
+    """One learner batch of ``B`` scored completions.
+
+    ``prompt_ids`` [B, P] (left-padded), ``completion_ids`` [B, L], ``rewards`` [B] (raw; the
+    loss normalises per group as configured), ``group_ids`` [B] (same id = same prompt).
+    Optional: ``prompt_attention_mask`` [B, P] (1 = real token; None = no padding),
+    ``completion_mask`` [B, L] (the likelihood span; None = every position), ``pairs``
+    [M, 2] row indices of same-prompt pairs for embr_c/embr_u/dpo/vrpo (None: built by
+    :func:`pair_within_groups`), and for d1 ``old_token_logp`` [B, L] (None: the current
+    policy, detached, i.e. the first inner iteration) with the ``prompt_masks`` [B, P] they
+    were computed with (None: drawn here; must be given together with ``old_token_logp``).
+    """
+
+    prompt_ids: Tensor
+    completion_ids: Tensor
+    rewards: Tensor
+    group_ids: Tensor
+    models: LossModels
+    prompt_attention_mask: Tensor | None = None
+    completion_mask: Tensor | None = None
+    pairs: Tensor | None = None
+    old_token_logp: Tensor | None = None
+    prompt_masks: Tensor | None = None
+
+    def span(self) -> Tensor:
+        if self.completion_mask is None:
+            return torch.ones_like(self.completion_ids, dtype=torch.bool)
+        return self.completion_mask.bool()
+
+    def full_attention(self) -> Tensor | None:
+        if self.prompt_attention_mask is None:
+            return None
+        ones = torch.ones_like(self.completion_ids, dtype=self.prompt_attention_mask.dtype)
+        return torch.cat([self.prompt_attention_mask, ones], dim=-1)
+
+
+@dataclass
+class LossOutput:
+    """``loss`` (scalar, differentiable) and ``metrics`` (``learner/...`` -> float)."""
+
+    loss: Tensor
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+LossFn = Callable[[LossBatch, AlgoConfig], LossOutput]
+LOSSES: dict[str, LossFn] = {}
+
+
+def register_loss(name: str) -> Callable[[LossFn], LossFn]:
+    """Register ``fn`` under an ``AlgoConfig.name`` value."""
+
+    def wrap(fn: LossFn) -> LossFn:
+        if name in LOSSES:
+            raise ValueError(f"loss {name!r} registered twice")
+        LOSSES[name] = fn
+        return fn
+
+    return wrap
+
+
+def get_loss(name: str) -> LossFn:
+    """The loss registered under ``name``; raises ``KeyError`` naming the allowed values."""
+    try:
+        return LOSSES[name]
+    except KeyError:
+        raise KeyError(f"unknown loss {name!r}; allowed: {', '.join(sorted(LOSSES))}") from None
+
+
+# --------------------------------------------------------------------------- group helpers
+
+
+def group_mean(x: Tensor, group_ids: Tensor) -> Tensor:
+    """[B]: the mean of ``x`` over each row's group."""
+    _, inv = torch.unique(group_ids, return_inverse=True)
+    n = int(inv.max()) + 1 if inv.numel() else 0
+    total = torch.zeros(n, dtype=x.dtype, device=x.device).index_add(0, inv, x)
+    count = torch.zeros(n, dtype=x.dtype, device=x.device).index_add(0, inv, torch.ones_like(x))
+    return (total / count)[inv]
+
+
+def normalize_rewards(rewards: Tensor, group_ids: Tensor, mode: str) -> Tensor:
+    """Per-group reward normalisation (DESIGN §4.2): ``none``, ``center`` or ``scale`` (z-score)."""
+    r = rewards.to(torch.float32) if not rewards.is_floating_point() else rewards
+    if mode == "none":
+        return r
+    centred = r - group_mean(r, group_ids)
+    if mode == "center":
+        return centred
+    std = group_mean(centred**2, group_ids).sqrt()
+    return centred / (std + 1e-6)
+
+
+def pair_within_groups(group_ids: Tensor, rewards: Tensor) -> Tensor:
+    """[M, 2] same-group pairs preferring ``r != r'``: sorted by reward, k-th lowest with k-th highest."""
+    pairs: list[tuple[int, int]] = []
+    for g in torch.unique(group_ids).tolist():
+        idx = (group_ids == g).nonzero().flatten()
+        order = idx[torch.argsort(rewards[idx], stable=True)].tolist()
+        for k in range(len(order) // 2):
+            pairs.append((order[-1 - k], order[k]))
+    return torch.tensor(pairs, dtype=torch.long, device=group_ids.device).reshape(-1, 2)
+
+
+def _segment_softmax(x: Tensor, group_ids: Tensor) -> Tensor:
+    _, inv = torch.unique(group_ids, return_inverse=True)
+    n = int(inv.max()) + 1
+    peak = torch.full((n,), -torch.inf, dtype=x.dtype, device=x.device)
+    peak = peak.scatter_reduce(0, inv, x, reduce="amax")
+    e = torch.exp(x - peak[inv])
+    denom = torch.zeros(n, dtype=x.dtype, device=x.device).index_add(0, inv, e)
+    return e / denom[inv]
+
+
+# --------------------------------------------------------------------------- pure objectives
+
+
+def embr_e_objective(f: Tensor, c: Tensor) -> Tensor:
+    """``L_EM = mean (f(y) + c(x))^2`` (DESIGN §4.2, paper eq. 9)."""
+    return ((f + c) ** 2).mean()
+
+
+def embr_c_objective(f: Tensor, pairs: Tensor) -> Tensor:
+    """``L_CM = mean (f(y) - f(y'))^2`` over ``pairs`` [M, 2] (DESIGN §4.2, paper eq. 13)."""
+    return ((f[pairs[:, 0]] - f[pairs[:, 1]]) ** 2).mean()
+
+
+def embr_u_bracket(
+    lt: Tensor, ut: Tensor, lr: Tensor, ur: Tensor, dr: Tensor, pairs: Tensor
+) -> tuple[Tensor, Tensor]:
+    """``(S_min, S_max)`` [M] of paper eqs. 19-20; ``dr = (r - r')/beta`` [M]."""
+    a, b = pairs[:, 0], pairs[:, 1]
+    s_min = (lt[a] - ut[b]) - (ur[a] - lr[b]) - dr
+    s_max = (ut[a] - lt[b]) - (lr[a] - ur[b]) - dr
+    return s_min, s_max
+
+
+def embr_u_objective(s_min: Tensor, s_max: Tensor) -> Tensor:
+    """``L_UCM = mean max(S_min^2, S_max^2)`` (DESIGN §4.2, paper eq. 21)."""
+    return torch.maximum(s_min**2, s_max**2).mean()
+
+
+def d1_objective(
+    logp: Tensor,
+    old_logp: Tensor,
+    ref_logp: Tensor | None,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    clip_eps: float,
+    kl_coef: float,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """diffu-GRPO token loss (DESIGN §4.3): PPO clip on per-token ratios plus ``kl_coef * k3``.
+
+    Per token ``-min(rho A, clip(rho, 1-eps, 1+eps) A) + kl_coef (e^{ref-logp} - (ref-logp) - 1)``;
+    averaged over each sequence's ``mask`` positions, then over sequences.
+    """
+    ratio = torch.exp(logp - old_logp)
+    adv = advantages[:, None]
+    unclipped = ratio * adv
+    clipped = ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps) * adv
+    per_token = -torch.minimum(unclipped, clipped)
+    m = mask.to(logp.dtype)
+    stats = {"clip_fraction": ((clipped < unclipped).to(m.dtype) * m).sum() / m.sum().clamp(min=1)}
+    if ref_logp is not None and kl_coef > 0:
+        d = ref_logp - logp
+        k3 = torch.exp(d) - d - 1.0
+        per_token = per_token + kl_coef * k3
+        stats["kl"] = (k3 * m).sum() / m.sum().clamp(min=1)
+    per_seq = (per_token * m).sum(-1) / m.sum(-1).clamp(min=1)
+    return per_seq.mean(), stats
+
+
+def wd1_objective(seq_logp: Tensor, advantages: Tensor, group_ids: Tensor) -> Tensor:
+    """wd1 (DESIGN §4.3): per group ``-sum softmax(A) log pi + sum softmax(-A) log pi``, mean over groups."""
+    w_pos = _segment_softmax(advantages, group_ids)
+    w_neg = _segment_softmax(-advantages, group_ids)
+    n_groups = torch.unique(group_ids).numel()
+    return ((w_neg - w_pos) * seq_logp).sum() / n_groups
+
+
+def dpo_objective(
+    margin_chosen: Tensor, margin_rejected: Tensor, beta: float, weight: Tensor | None = None
+) -> Tensor:
+    """DPO-ELBO: ``-log sigmoid(beta ((L_theta - L_ref)(y_w) - (L_theta - L_ref)(y_l)))``, mean over pairs."""
+    losses = -F.logsigmoid(beta * (margin_chosen - margin_rejected))
+    if weight is None:
+        return losses.mean()
+    return (losses * weight).sum() / weight.sum().clamp(min=1)
+
+
+# --------------------------------------------------------------------------- likelihood terms
+
+
+@dataclass
+class Energies:
+    """ELBO (and EUBO) [B] of policy and reference on the batch, length-normalised if configured."""
+
+    lt: Tensor
+    lr: Tensor
+    ut: Tensor | None
+    ur: Tensor | None
+    coverage: Tensor | None
+
+
+def _blocked(cfg: AlgoConfig) -> bool:
+    """Block-wise masking on (``block_length`` None: one block spanning the window, which is
+    the whole-window estimator itself)."""
+    return cfg.masking == "block" and cfg.block_length is not None
+
+
+def _score(
+    model: nn.Module, batch: LossBatch, draw: MaskDraw, cfg: AlgoConfig, gamma: float | None
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    logp = completion_logprobs(
+        model,
+        batch.prompt_ids,
+        batch.completion_ids,
+        draw.input_masks(),
+        mask_id=batch.models.mask_id,
+        attention_mask=batch.full_attention(),
+        micro_batch=cfg.micro_batch,
+    )
+    lower = elbo_from_logprobs(logp, draw)
+    if gamma is None:
+        return lower, None, None
+    upper, coverage = eubo_from_logprobs(
+        logp, draw, gamma, batch.span(), estimator=cfg.eubo_estimator, lower=lower
+    )
+    return lower, upper, coverage
+
+
+def compute_energies(
+    batch: LossBatch,
+    cfg: AlgoConfig,
+    *,
+    upper: bool = False,
+    stratified: bool | None = None,
+    antithetic: bool | None = None,
+    common_random_numbers: bool | None = None,
+    pairs: Tensor | None = None,
+) -> Energies:
+    """Policy (with grad) and reference (no grad) ELBO/EUBO on shared or fresh masks (DESIGN §4.1).
+
+    The ``None`` knobs default to ``cfg``; the same draw scores both models when common
+    random numbers are on, so ``theta == ref`` gives identical terms. With ``pairs`` and
+    ``algo.pair_common_masks``, the second row of each pair reuses the first row's masks,
+    so positions the two completions share cancel exactly in ``L(y) - L(y')``.
+    """
+    models = batch.models
+    if models.reference is None:
+        raise ValueError(f"loss {cfg.name!r} needs batch.models.reference")
+    span = batch.span()
+
+    def draw() -> MaskDraw:
+        if _blocked(cfg):
+            assert cfg.block_length is not None
+            return sample_block_masks(
+                span,
+                cfg.num_mc_samples,
+                cfg.block_length,
+                scheme=cfg.timesteps,
+                stratified=cfg.stratified if stratified is None else stratified,
+                antithetic=cfg.antithetic if antithetic is None else antithetic,
+                generator=models.generator,
+            )
+        return sample_masks(
+            span,
+            cfg.num_mc_samples,
+            scheme=cfg.timesteps,
+            stratified=cfg.stratified if stratified is None else stratified,
+            antithetic=cfg.antithetic if antithetic is None else antithetic,
+            generator=models.generator,
+        )
+
+    gamma = cfg.eubo_gamma if upper else None
+    shared = draw()
+    if pairs is not None and cfg.pair_common_masks:
+        shared = share_within_pairs(shared, pairs, span)
+    lt, ut, coverage = _score(models.policy, batch, shared, cfg, gamma)
+    crn = cfg.common_random_numbers if common_random_numbers is None else common_random_numbers
+    with torch.no_grad():
+        lr, ur, _ = _score(models.reference, batch, shared if crn else draw(), cfg, gamma)
+    if cfg.length_normalize:
+        n = span.sum(-1).clamp(min=1).to(lt.dtype)
+        lt, lr = lt / n, lr / n
+        ut = None if ut is None else ut / n
+        ur = None if ur is None else ur / n
+    return Energies(lt, lr, ut, ur, coverage)
+
+
+def share_within_pairs(draw: MaskDraw, pairs: Tensor, span: Tensor) -> MaskDraw:
+    """``draw`` with row ``b`` of each pair ``(a, b)`` given row ``a``'s masks (where their
+    likelihood spans agree; others keep their own): common random numbers across a pair."""
+    if not len(pairs):
+        return draw
+    a, b = pairs[:, 0], pairs[:, 1]
+    same = (span[a] == span[b]).all(-1)
+    a, b = a[same], b[same]
+    masks, weights = draw.masks.clone(), draw.weights.clone()
+    masks[b], weights[b] = masks[a], weights[a]
+    hidden = None
+    if draw.hidden is not None:
+        hidden = draw.hidden.clone()
+        hidden[b] = hidden[a]
+    return MaskDraw(masks, weights, hidden)
+
+
+def _pairs(batch: LossBatch) -> Tensor:
+    if batch.pairs is not None:
+        return batch.pairs.to(batch.rewards.device).long()
+    return pair_within_groups(batch.group_ids, batch.rewards)
+
+
+def _f_metrics(f: Tensor, e: Energies) -> dict[str, float]:
+    fd = f.detach()
+    return {
+        "learner/energy_policy": float(e.lt.detach().mean()),
+        "learner/energy_ref": float(e.lr.mean()),
+        "learner/f_mean": float(fd.mean()),
+        "learner/f_std": float(fd.std()) if fd.numel() > 1 else 0.0,
+        "learner/f_abs_max": float(fd.abs().max()),
+    }
+
+
+def _pair_metrics(rewards: Tensor, pairs: Tensor) -> dict[str, float]:
+    same = rewards[pairs[:, 0]] == rewards[pairs[:, 1]]
+    return {
+        "learner/num_pairs": float(len(pairs)),
+        "learner/zero_reward_diff_share": float(same.float().mean()) if len(pairs) else 0.0,
+    }
+
+
+# --------------------------------------------------------------------------- EMBR losses
+
+
+@register_loss("embr_e")
+def embr_e_loss(batch: LossBatch, cfg: AlgoConfig) -> LossOutput:
+    """EMBR-E: ``mean (L_theta - L_ref - r/beta + c_phi(x))^2`` (DESIGN §4.2, paper eq. 9).
+
+    ``c_phi`` runs once per group (the policy's forward over the prompt alone).
+    """
+    from embr_rl.core.models.energy_head import prompt_offset
+
+    head = batch.models.energy_head
+    if head is None:
+        raise ValueError("embr_e needs batch.models.energy_head (embr_rl.core.models.EnergyHead)")
+    e = compute_energies(batch, cfg)
+    r = normalize_rewards(batch.rewards, batch.group_ids, cfg.reward_norm)
+    f = e.lt - e.lr - r / cfg.beta
+    _, inv = torch.unique(batch.group_ids, return_inverse=True)
+    rows = torch.arange(len(inv), device=inv.device)
+    first = torch.full((int(inv.max()) + 1,), len(inv), device=inv.device, dtype=torch.long)
+    first = first.scatter_reduce(0, inv, rows, reduce="amin")
+    attn = None if batch.prompt_attention_mask is None else batch.prompt_attention_mask[first]
+    c = prompt_offset(
+        batch.models.policy,
+        head,
+        batch.prompt_ids[first],
+        attn,
+        detach_features=cfg.energy_head_detach,
+    )[inv]
+    loss = embr_e_objective(f, c.to(f.dtype))
+    metrics = _f_metrics(f, e)
+    metrics["learner/c_mean"] = float(c.detach().mean())
+    metrics["learner/residual_std"] = float((f + c).detach().std()) if len(f) > 1 else 0.0
+    return LossOutput(loss, metrics)
+
+
+@register_loss("embr_c")
+def embr_c_loss(batch: LossBatch, cfg: AlgoConfig) -> LossOutput:
+    """EMBR-C: ``mean (f(y) - f(y'))^2`` over same-prompt pairs (DESIGN §4.2, paper eq. 13)."""
+    pairs = _pairs(batch)
+    e = compute_energies(batch, cfg, pairs=pairs)
+    r = normalize_rewards(batch.rewards, batch.group_ids, cfg.reward_norm)
+    f = e.lt - e.lr - r / cfg.beta
+    metrics = _f_metrics(f, e) | _pair_metrics(batch.rewards, pairs)
+    return LossOutput(embr_c_objective(f, pairs), metrics)
+
+
+@register_loss("embr_u")
+def embr_u_loss(batch: LossBatch, cfg: AlgoConfig) -> LossOutput:
+    """EMBR-U: ``mean max(S_min^2, S_max^2)`` with ELBO/EUBO brackets (DESIGN §4.2, paper eq. 21)."""
+    pairs = _pairs(batch)
+    e = compute_energies(batch, cfg, upper=True, pairs=pairs)
+    assert e.ut is not None and e.ur is not None and e.coverage is not None
+    r = normalize_rewards(batch.rewards, batch.group_ids, cfg.reward_norm)
+    dr = (r[pairs[:, 0]] - r[pairs[:, 1]]) / cfg.beta
+    s_min, s_max = embr_u_bracket(e.lt, e.ut, e.lr, e.ur, dr, pairs)
+    f = e.lt - e.lr - r / cfg.beta
+    inverted_rows = (e.ut.detach() < e.lt.detach()).sum() + (e.ur < e.lr).sum()
+    metrics = _f_metrics(f, e) | _pair_metrics(batch.rewards, pairs)
+    metrics |= {
+        "learner/eubo_policy": float(e.ut.detach().mean()),
+        "learner/eubo_ref": float(e.ur.mean()),
+        "learner/bracket_width": float((s_max - s_min).detach().mean()),
+        "learner/bound_inversions": float(inverted_rows),
+        "learner/bracket_inverted": float((s_max < s_min).sum()),
+        "learner/smax_branch_share": float((s_max.abs() >= s_min.abs()).float().mean()),
+        "learner/eubo_coverage": float(e.coverage.mean()),
+    }
+    return LossOutput(embr_u_objective(s_min, s_max), metrics)
+
+
+# --------------------------------------------------------------------------- baselines
+
+
+def d1_token_logprobs(
+    model: nn.Module,
+    prompt_ids: Tensor,
+    completion_ids: Tensor,
+    cfg: AlgoConfig,
+    *,
+    mask_id: int,
+    attention_mask: Tensor | None = None,
+    prompt_masks: Tensor | None = None,
+) -> Tensor:
+    """[B, L] d1's one-step per-token log-probs under ``cfg.masking`` (DESIGN §4.3): one forward
+    per decoding block for ``block``, one fully-masked forward for ``random``.
+
+    The learner scores the current and reference policies with it, and a rollout worker with
+    ``rollout.record_logprobs`` scores the behaviour policy with it at sampling time (the
+    stored ``behaviour_logp`` column), so d1's ratio on stale rows is to the policy that drew them.
+    """
+    kwargs = {
+        "mask_id": mask_id,
+        "attention_mask": attention_mask,
+        "prompt_masks": prompt_masks,
+        "micro_batch": cfg.micro_batch,
+    }
+    if _blocked(cfg):
+        assert cfg.block_length is not None
+        return blockwise_token_logprobs(
+            model, prompt_ids, completion_ids, cfg.block_length, **kwargs
+        )
+    return fully_masked_token_logprobs(model, prompt_ids, completion_ids, **kwargs)
+
+
+def _d1_token_logps(
+    batch: LossBatch, cfg: AlgoConfig, with_ref: bool
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Current, old and reference per-token log-probs on one shared prompt mask."""
+    models = batch.models
+    pmask = batch.prompt_masks
+    if pmask is None:
+        if batch.old_token_logp is not None:
+            raise ValueError(
+                "old_token_logp was given without the prompt_masks it was computed with"
+            )
+        pmask = sample_prompt_mask(
+            batch.prompt_ids,
+            cfg.prompt_mask_prob,
+            attention_mask=batch.prompt_attention_mask,
+            generator=models.generator,
+        )
+
+    def token_logps(model: nn.Module) -> Tensor:
+        return d1_token_logprobs(
+            model,
+            batch.prompt_ids,
+            batch.completion_ids,
+            cfg,
+            mask_id=models.mask_id,
+            attention_mask=batch.full_attention(),
+            prompt_masks=pmask,
+        )
+
+    logp = token_logps(models.policy)
+    old = batch.old_token_logp if batch.old_token_logp is not None else logp.detach()
+    ref = None
+    if with_ref and models.reference is not None:
+        with torch.no_grad():
+            ref = token_logps(models.reference)
+    return logp, old.to(logp.dtype), ref
+
+
+@register_loss("d1")
+def d1_loss(batch: LossBatch, cfg: AlgoConfig) -> LossOutput:
+    """diffu-GRPO: one fully-masked forward, ``A = r - mean_group r``, token PPO clip, k3 KL (DESIGN §4.3)."""
+    logp, old, ref = _d1_token_logps(batch, cfg, with_ref=cfg.kl_coef > 0)
+    r = batch.rewards.to(logp.dtype)
+    adv = r - group_mean(r, batch.group_ids)
+    loss, stats = d1_objective(
+        logp, old, ref, adv, batch.span(), clip_eps=cfg.clip_eps, kl_coef=cfg.kl_coef
+    )
+    metrics = {f"learner/{k}": float(v.detach()) for k, v in stats.items()}
+    metrics["learner/adv_abs_mean"] = float(adv.abs().mean())
+    m = batch.span()
+    log_ratio = ((logp.detach() - old) * m).sum() / m.sum().clamp(min=1)
+    metrics["learner/log_ratio_mean"] = float(log_ratio)
+    metrics["learner/behaviour_logp"] = float(batch.old_token_logp is not None)
+    return LossOutput(loss, metrics)
+
+
+@register_loss("wd1")
+def wd1_loss(batch: LossBatch, cfg: AlgoConfig) -> LossOutput:
+    """wd1: group-softmax weighted likelihood, no ratio, no clip (DESIGN §4.3).
+
+    ``log pi(y)`` is d1's one-step estimate: the sum (or, with ``length_normalize``, the mean)
+    of fully-masked per-token log-probs over the span.
+    """
+    logp, _, _ = _d1_token_logps(batch, cfg, with_ref=False)
+    m = batch.span().to(logp.dtype)
+    seq = (logp * m).sum(-1)
+    if cfg.length_normalize:
+        seq = seq / m.sum(-1).clamp(min=1)
+    r = batch.rewards.to(logp.dtype)
+    adv = r - group_mean(r, batch.group_ids)
+    loss = wd1_objective(seq, adv, batch.group_ids)
+    return LossOutput(loss, {"learner/seq_logp_mean": float(seq.detach().mean())})
+
+
+def _dpo(batch: LossBatch, cfg: AlgoConfig, *, variance_reduced: bool) -> LossOutput:
+    pairs = _pairs(batch)
+    if variance_reduced:
+        e = compute_energies(batch, cfg, stratified=True, common_random_numbers=True)
+    else:
+        e = compute_energies(
+            batch, cfg, stratified=False, antithetic=False, common_random_numbers=False
+        )
+    a, b = pairs[:, 0], pairs[:, 1]
+    swap = batch.rewards[a] < batch.rewards[b]
+    chosen, rejected = torch.where(swap, b, a), torch.where(swap, a, b)
+    weight = (batch.rewards[chosen] != batch.rewards[rejected]).to(e.lt.dtype)
+    margin = e.lt - e.lr
+    loss = dpo_objective(margin[chosen], margin[rejected], cfg.beta, weight)
+    gap = (margin[chosen] - margin[rejected]).detach()
+    metrics = _pair_metrics(batch.rewards, pairs) | {
+        "learner/energy_policy": float(e.lt.detach().mean()),
+        "learner/energy_ref": float(e.lr.mean()),
+        "learner/dpo_margin": float(gap.mean()),
+        "learner/dpo_accuracy": float(
+            ((gap > 0).to(weight.dtype) * weight).sum() / weight.sum().clamp(min=1)
+        ),
+    }
+    return LossOutput(loss, metrics)
+
+
+@register_loss("dpo")
+def dpo_loss(batch: LossBatch, cfg: AlgoConfig) -> LossOutput:
+    """DPO-ELBO with plain estimates: independent, unstratified masks for policy and ref (DESIGN §4.3)."""
+    return _dpo(batch, cfg, variance_reduced=False)
+
+
+@register_loss("vrpo")
+def vrpo_loss(batch: LossBatch, cfg: AlgoConfig) -> LossOutput:
+    """VRPO: DPO-ELBO with stratified timesteps and masks shared by policy and ref (DESIGN §4.3)."""
+    return _dpo(batch, cfg, variance_reduced=True)
