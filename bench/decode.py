@@ -193,6 +193,8 @@ def llada_shaped(args: argparse.Namespace) -> torch.nn.Module:
         embedding_dropout=0.0,
         max_sequence_length=4096,
         mask_token_id=args.random_vocab - 1,
+        pad_token_id=0,
+        eos_token_id=1,
     )
     torch.manual_seed(0)
     model = LLaDANativeModel(cfg).eval()

@@ -46,6 +46,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.localrun import REPO, Job, read_records, run_many, write_block
+from embr_rl.core.losses import LOSS_TRAITS
 
 TUNED = REPO / "bench" / "tuned.json"
 DOCS = REPO / "docs" / "results.md"
@@ -59,9 +60,10 @@ LABELS = {
     "d1": "d1 (diffu-GRPO)",
     "wd1": "wd1",
 }
-ONLINE = ("embr_e", "embr_c", "embr_u", "d1", "wd1")
-EMBR = ("embr_e", "embr_c", "embr_u")
-BASELINES = ("d1", "wd1")
+# The online study: every registered loss that is not a preference (pairs-only) objective.
+EMBR = tuple(n for n, t in LOSS_TRAITS.items() if t.family == "embr")
+BASELINES = tuple(n for n, t in LOSS_TRAITS.items() if t.family == "policy_gradient")
+ONLINE = EMBR + BASELINES
 # The stale setting: d1 needs the behaviour log-probs for its ratios; EMBR needs nothing.
 STALE: dict[str, tuple[str, ...]] = {
     "embr_c": (),

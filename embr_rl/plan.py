@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from embr_rl.core.config import Config, ConfigError, LoraConfig, load_config
+from embr_rl.core.losses import traits_of
 
 GIB = 1024**3
 
@@ -283,16 +284,15 @@ def learner_shape(cfg: Config, arch: Arch, prompt_length: int) -> LearnerShape:
     """Counts for one learner rank of ``cfg`` (a GPU run: precision ``auto`` means bf16)."""
     base = param_count(arch)
     lora = lora_param_count(arch, cfg.model.lora)
+    traits = traits_of(cfg.algo.name)
     head = (
-        energy_head_count(arch.hidden_size, cfg.algo.value_head_hidden)
-        if cfg.algo.name == "embr_e"
-        else 0
+        energy_head_count(arch.hidden_size, cfg.algo.value_head_hidden) if traits.energy_head else 0
     )
     trainable = (lora if cfg.model.lora.enabled else base) + head
     total = base + lora + head
     precision = cfg.learner.precision
     bf16 = precision == "bf16" or (precision == "auto" and cfg.model.device != "cpu")
-    draws = 1 if cfg.algo.name in ("d1", "wd1") else cfg.algo.num_mc_samples
+    draws = 1 if traits.one_step else cfg.algo.num_mc_samples
     rows = cfg.learner.micro_batch_size * draws
     return LearnerShape(
         total_params=total,

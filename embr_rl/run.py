@@ -365,15 +365,6 @@ def run(cfg: Config) -> dict[str, Any]:
     if cfg.algo.mode != "offline":
         train = load_task(cfg.task, cfg.task.train_split)
         stream = PromptStream(train, seed=cfg.seed)
-        r = cfg.rollout
-        if cfg.algo.mode == "sync":
-            fresh = r.num_workers * r.prompts_per_batch * r.group_size
-            if fresh < cfg.learner.batch_size:
-                raise ConfigError(
-                    f"bad value for 'learner.batch_size': {cfg.learner.batch_size} with "
-                    f"algo.mode='sync'; allowed: <= rollout.num_workers x prompts_per_batch x "
-                    f"group_size = {fresh} (the rows one round generates)"
-                )
 
     started = start_ray(cfg)
     stop = driver.StopFlag()

@@ -40,9 +40,15 @@ if not torch.cuda.is_available():
 
 import deepspeed
 
-from embr_rl.core.config import AlgoConfig, Config, LearnerConfig, LoraConfig
+from embr_rl.core.config import (
+    AlgoConfig,
+    Config,
+    LearnerConfig,
+    LoraConfig,
+    check_batch_shape,
+)
 from embr_rl.core.experience import PairBatch
-from embr_rl.core.losses import LossBatch, LossModels, LossOutput, get_loss
+from embr_rl.core.losses import LossBatch, LossModels, LossOutput, get_loss, traits_of
 from embr_rl.core.models.lora import wrap_lora
 from embr_rl.core.transport import (
     Manifest,
@@ -59,7 +65,6 @@ from embr_rl.core.transport import (
 from learner.batching import TokenIds, split_batch, to_loss_batch
 
 __all__ = [
-    "PAIR_LOSSES",
     "Learner",
     "PolicySpec",
     "free_port",
@@ -67,10 +72,6 @@ __all__ = [
     "lr_factor",
     "shutdown_distributed",
 ]
-
-# Losses that train on same-prompt pairs (the learner draws ``sample_pairs``).
-PAIR_LOSSES = frozenset({"embr_c", "embr_u", "dpo", "vrpo"})
-ENERGY_HEAD_LOSSES = frozenset({"embr_e"})
 
 
 @dataclass
@@ -184,19 +185,10 @@ class Learner:
             init_distributed(backend=cfg.dist_backend)
         self.cfg, self.algo, self.seed = cfg, algo, seed
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
-        per_step = cfg.micro_batch_size * self.world_size
-        if cfg.batch_size % per_step:
-            raise ValueError(
-                f"bad value for 'learner.batch_size': {cfg.batch_size}; allowed: a multiple of "
-                f"learner.micro_batch_size * ranks = {cfg.micro_batch_size} * {self.world_size}"
-            )
-        self.grad_accum = cfg.batch_size // per_step
-        self.pairwise = algo.name in PAIR_LOSSES
-        if self.pairwise and cfg.micro_batch_size % 2:
-            raise ValueError(
-                f"bad value for 'learner.micro_batch_size': {cfg.micro_batch_size}; "
-                f"allowed: an even number (algo.name={algo.name!r} trains on pairs)"
-            )
+        traits = traits_of(algo.name)
+        check_batch_shape(cfg, self.world_size, traits.pairwise, algo.name)
+        self.grad_accum = cfg.batch_size // (cfg.micro_batch_size * self.world_size)
+        self.pairwise = traits.pairwise
         self.device = _device()
         self.ids = TokenIds(spec.pad_id, spec.eos_id, tuple(spec.stop_ids))
         self.loss_fn = get_loss(algo.name)
@@ -211,7 +203,7 @@ class Learner:
             reference = copy.deepcopy(policy).eval().requires_grad_(False)
         policy.train()
         head = None
-        if algo.name in ENERGY_HEAD_LOSSES:
+        if traits.energy_head:
             from embr_rl.core.models import EnergyHead
 
             head = EnergyHead(int(policy.config.hidden_size), algo.value_head_hidden).to(

@@ -192,7 +192,6 @@ class BufferConfig:
     sampling: str = field_("uniform", choices=["uniform", "recency"])
     recency_half_life: float = field_(1000.0, gt=0)
     max_staleness: int | None = field_(None, ge=0)
-    num_shards: int = field_(1, ge=1)
     snapshot_every_s: float = field_(300.0, gt=0)
     # None: snapshots go to <logging.run_dir>/buffer (chosen by embr_rl.run).
     snapshot_dir: str | None = None
@@ -505,19 +504,29 @@ def _check_relations(cfg: Config) -> None:
         raise ConfigError(
             f"bad value for 'task.arith.ops': {list(t.ops)!r}; allowed: a non-empty list of '+', '-', '*'"
         )
-    if cfg.learner.batch_size % cfg.learner.micro_batch_size:
-        raise ConfigError(
-            f"bad value for 'learner.micro_batch_size': {cfg.learner.micro_batch_size}; allowed: "
-            f"a divisor of learner.batch_size ({cfg.learner.batch_size})"
-        )
+    from embr_rl.core.losses import traits_of  # losses import this module's dataclasses
+
+    traits = traits_of(cfg.algo.name)
+    check_batch_shape(cfg.learner, cfg.learner.num_ranks, traits.pairwise, cfg.algo.name)
     if len(cfg.learner.adam_betas) != 2 or not all(0 <= b < 1 for b in cfg.learner.adam_betas):
         raise ConfigError(
             f"bad value for 'learner.adam_betas': {list(cfg.learner.adam_betas)!r}; allowed: two numbers in [0, 1)"
         )
-    if cfg.algo.mode == "offline" and cfg.algo.name in ("d1", "wd1"):
+    if cfg.algo.mode == "offline" and traits.one_step:
+        from embr_rl.core.losses import LOSS_TRAITS
+
+        offline = ", ".join(repr(n) for n, t in LOSS_TRAITS.items() if not t.one_step)
         raise ConfigError(
             f"bad value for 'algo.name': {cfg.algo.name!r} with algo.mode='offline'; allowed: "
-            "'embr_e', 'embr_c', 'embr_u', 'dpo', 'vrpo' (d1 and wd1 need fresh rollouts)"
+            f"{offline} ({cfg.algo.name} needs fresh rollouts)"
+        )
+    r = cfg.rollout
+    fresh = r.num_workers * r.prompts_per_batch * r.group_size
+    if cfg.algo.mode == "sync" and fresh < cfg.learner.batch_size:
+        raise ConfigError(
+            f"bad value for 'learner.batch_size': {cfg.learner.batch_size} with "
+            f"algo.mode='sync'; allowed: <= rollout.num_workers x prompts_per_batch x "
+            f"group_size = {fresh} (the rows one round generates)"
         )
     need = max(cfg.buffer.min_size or 0, cfg.learner.batch_size)
     if cfg.buffer.capacity < need:
@@ -610,6 +619,23 @@ def load_config(
         cfg.algo.block_length = cfg.rollout.block_length
     validate(cfg)
     return cfg
+
+
+def check_batch_shape(learner: LearnerConfig, ranks: int, pairwise: bool, algo_name: str) -> None:
+    """``learner.batch_size`` splits into micro-batches over ``ranks`` ranks, and a
+    pairwise loss's micro-batch holds whole pairs. Run by :func:`validate` at load, and by
+    a learner built without a :class:`Config`."""
+    per_step = learner.micro_batch_size * ranks
+    if learner.batch_size % per_step:
+        raise ConfigError(
+            f"bad value for 'learner.batch_size': {learner.batch_size}; allowed: a multiple of "
+            f"learner.micro_batch_size x learner.num_ranks = {learner.micro_batch_size} x {ranks}"
+        )
+    if pairwise and learner.micro_batch_size % 2:
+        raise ConfigError(
+            f"bad value for 'learner.micro_batch_size': {learner.micro_batch_size}; "
+            f"allowed: an even number (algo.name={algo_name!r} trains on pairs)"
+        )
 
 
 def validate(cfg: Config) -> None:

@@ -34,11 +34,13 @@ if TYPE_CHECKING:  # importing embr_rl.core.models loads transformers; only embr
 
 __all__ = [
     "LOSSES",
+    "LOSS_TRAITS",
     "Energies",
     "LossBatch",
     "LossFn",
     "LossModels",
     "LossOutput",
+    "LossTraits",
     "compute_energies",
     "d1_objective",
     "d1_token_logprobs",
@@ -53,6 +55,7 @@ __all__ = [
     "pair_within_groups",
     "register_loss",
     "share_within_pairs",
+    "traits_of",
     "wd1_objective",
 ]
 
@@ -125,16 +128,42 @@ LossFn = Callable[[LossBatch, AlgoConfig], LossOutput]
 LOSSES: dict[str, LossFn] = {}
 
 
-def register_loss(name: str) -> Callable[[LossFn], LossFn]:
-    """Register ``fn`` under an ``AlgoConfig.name`` value."""
+@dataclass(frozen=True)
+class LossTraits:
+    """What the rest of the system must know about a loss, registered with it.
+
+    ``pairwise``: trains on two completions of one prompt (the learner draws pairs).
+    ``energy_head``: needs the EMBR-E value head. ``one_step``: scores a completion with
+    one fully masked forward (d1's estimator), so one mask draw, and needs fresh rollouts
+    (no offline mode). ``family``: ``embr``, ``policy_gradient`` or ``preference``.
+    """
+
+    family: str
+    pairwise: bool = False
+    energy_head: bool = False
+    one_step: bool = False
+
+
+LOSS_TRAITS: dict[str, LossTraits] = {}
+
+
+def register_loss(name: str, traits: LossTraits) -> Callable[[LossFn], LossFn]:
+    """Register ``fn`` and its :class:`LossTraits` under an ``AlgoConfig.name`` value."""
 
     def wrap(fn: LossFn) -> LossFn:
         if name in LOSSES:
             raise ValueError(f"loss {name!r} registered twice")
         LOSSES[name] = fn
+        LOSS_TRAITS[name] = traits
         return fn
 
     return wrap
+
+
+def traits_of(name: str) -> LossTraits:
+    """The traits of the loss ``name``; raises ``KeyError`` naming the allowed values."""
+    get_loss(name)
+    return LOSS_TRAITS[name]
 
 
 def get_loss(name: str) -> LossFn:
@@ -412,7 +441,7 @@ def _pair_metrics(rewards: Tensor, pairs: Tensor) -> dict[str, float]:
 # --------------------------------------------------------------------------- EMBR losses
 
 
-@register_loss("embr_e")
+@register_loss("embr_e", LossTraits("embr", energy_head=True))
 def embr_e_loss(batch: LossBatch, cfg: AlgoConfig) -> LossOutput:
     """EMBR-E: ``mean (L_theta - L_ref - r/beta + c_phi(x))^2`` (DESIGN §4.2, paper eq. 9).
 
@@ -445,7 +474,7 @@ def embr_e_loss(batch: LossBatch, cfg: AlgoConfig) -> LossOutput:
     return LossOutput(loss, metrics)
 
 
-@register_loss("embr_c")
+@register_loss("embr_c", LossTraits("embr", pairwise=True))
 def embr_c_loss(batch: LossBatch, cfg: AlgoConfig) -> LossOutput:
     """EMBR-C: ``mean (f(y) - f(y'))^2`` over same-prompt pairs (DESIGN §4.2, paper eq. 13)."""
     pairs = _pairs(batch)
@@ -456,7 +485,7 @@ def embr_c_loss(batch: LossBatch, cfg: AlgoConfig) -> LossOutput:
     return LossOutput(embr_c_objective(f, pairs), metrics)
 
 
-@register_loss("embr_u")
+@register_loss("embr_u", LossTraits("embr", pairwise=True))
 def embr_u_loss(batch: LossBatch, cfg: AlgoConfig) -> LossOutput:
     """EMBR-U: ``mean max(S_min^2, S_max^2)`` with ELBO/EUBO brackets (DESIGN §4.2, paper eq. 21)."""
     pairs = _pairs(batch)
@@ -552,7 +581,7 @@ def _d1_token_logps(
     return logp, old.to(logp.dtype), ref
 
 
-@register_loss("d1")
+@register_loss("d1", LossTraits("policy_gradient", one_step=True))
 def d1_loss(batch: LossBatch, cfg: AlgoConfig) -> LossOutput:
     """diffu-GRPO: one fully-masked forward, ``A = r - mean_group r``, token PPO clip, k3 KL (DESIGN §4.3)."""
     logp, old, ref = _d1_token_logps(batch, cfg, with_ref=cfg.kl_coef > 0)
@@ -570,7 +599,7 @@ def d1_loss(batch: LossBatch, cfg: AlgoConfig) -> LossOutput:
     return LossOutput(loss, metrics)
 
 
-@register_loss("wd1")
+@register_loss("wd1", LossTraits("policy_gradient", one_step=True))
 def wd1_loss(batch: LossBatch, cfg: AlgoConfig) -> LossOutput:
     """wd1: group-softmax weighted likelihood, no ratio, no clip (DESIGN §4.3).
 
@@ -614,13 +643,13 @@ def _dpo(batch: LossBatch, cfg: AlgoConfig, *, variance_reduced: bool) -> LossOu
     return LossOutput(loss, metrics)
 
 
-@register_loss("dpo")
+@register_loss("dpo", LossTraits("preference", pairwise=True))
 def dpo_loss(batch: LossBatch, cfg: AlgoConfig) -> LossOutput:
     """DPO-ELBO with plain estimates: independent, unstratified masks for policy and ref (DESIGN §4.3)."""
     return _dpo(batch, cfg, variance_reduced=False)
 
 
-@register_loss("vrpo")
+@register_loss("vrpo", LossTraits("preference", pairwise=True))
 def vrpo_loss(batch: LossBatch, cfg: AlgoConfig) -> LossOutput:
     """VRPO: DPO-ELBO with stratified timesteps and masks shared by policy and ref (DESIGN §4.3)."""
     return _dpo(batch, cfg, variance_reduced=True)

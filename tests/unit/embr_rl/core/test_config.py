@@ -117,13 +117,79 @@ def test_out_of_range_names_key_value_and_allowed(override: str, key: str, allow
         (["eval.gen_length=32", "eval.block_length=8", "eval.steps=6"], "eval.steps"),
         (["task.arith.min_operands=3", "task.arith.max_operands=2"], "task.arith.max_operands"),
         (["task.arith.ops=[/]"], "task.arith.ops"),
-        (["learner.batch_size=10", "learner.micro_batch_size=4"], "learner.micro_batch_size"),
+        (["learner.batch_size=10", "learner.micro_batch_size=4"], "learner.batch_size"),
+        (
+            ["learner.batch_size=8", "learner.micro_batch_size=4", "learner.num_ranks=4"],
+            "learner.batch_size",
+        ),
+        (
+            ["algo.name=embr_c", "learner.batch_size=9", "learner.micro_batch_size=3"],
+            "learner.micro_batch_size",
+        ),
         (["algo.mode=offline", "algo.name=d1"], "algo.name"),
+        (
+            [
+                "algo.mode=sync",
+                "rollout.num_workers=1",
+                "rollout.prompts_per_batch=2",
+                "rollout.group_size=4",
+                "learner.batch_size=16",
+                "learner.micro_batch_size=4",
+            ],
+            "learner.batch_size",
+        ),
     ],
 )
 def test_cross_field_rules(overrides: list[str], key: str) -> None:
     with pytest.raises(ConfigError, match=f"'{key}'"):
         load_config(None, overrides)
+
+
+def test_every_config_key_is_read_somewhere() -> None:
+    """Walks the schema: each leaf key's name must be read as an attribute (or through
+    ``getattr``) by some module outside the schema. Leaf names shared by two sections
+    count once, so this catches a key nothing reads, not every misuse."""
+    import ast
+    import dataclasses
+    import typing
+
+    from embr_rl.core.config import Config
+
+    def leaves(cls: type, prefix: str = "") -> typing.Iterator[tuple[str, str]]:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(hints[f.name]):
+                yield from leaves(hints[f.name], f"{prefix}{f.name}.")
+            else:
+                yield f"{prefix}{f.name}", f.name
+
+    read: set[str] = set()
+    for pkg in ("embr_rl", "actors", "buffer", "learner"):
+        for path in (REPO / pkg).rglob("*.py"):
+            if path == REPO / "embr_rl" / "core" / "config.py":
+                continue
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Attribute):
+                    read.add(node.attr)
+                elif (
+                    isinstance(node, ast.Call)
+                    and getattr(node.func, "id", "") == "getattr"
+                    and len(node.args) > 1
+                    and isinstance(node.args[1], ast.Constant)
+                ):
+                    read.add(str(node.args[1].value))
+    unread = [key for key, leaf in leaves(Config) if leaf not in read]
+    assert not unread, f"config keys nothing reads: {unread}"
+
+
+def test_algo_names_are_the_registered_losses() -> None:
+    import dataclasses
+
+    from embr_rl.core.config import AlgoConfig
+    from embr_rl.core.losses import LOSS_TRAITS, LOSSES
+
+    (name,) = [f for f in dataclasses.fields(AlgoConfig) if f.name == "name"]
+    assert set(name.metadata["choices"]) == set(LOSSES) == set(LOSS_TRAITS)
 
 
 def test_malformed_override_and_missing_file(tmp_path: Path) -> None:
