@@ -3,9 +3,11 @@
 #
 # torch goes in first and is then pinned with a constraint file, so that no later
 # package (deepspeed, ray, transformers, ...) can replace it with another build:
-#   - CPU host (no working nvidia-smi): the +cpu build. A local wheel found through pip's
-#     configured find-links is used when there is one; otherwise TORCH_CPU_INDEX is asked.
-#   - GPU host: the default (CUDA) build of the same version from PyPI.
+#   - CPU host (no working nvidia-smi): the +cpu build, from wherever pip's own
+#     configuration finds it (find-links, an index in pip.conf or PIP_INDEX_URL). Set
+#     TORCH_INDEX_URL to add an index that serves CPU builds (no default: this script names
+#     no package index).
+#   - GPU host: the default (CUDA) build of the same version, from pip's configured index.
 # DeepSpeed is installed with DS_BUILD_OPS=0 and without build isolation (its build
 # imports torch); its ops are compiled on first use on GPU hosts.
 set -euo pipefail
@@ -14,7 +16,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 TORCH_VERSION=${TORCH_VERSION:-2.13.0}
-TORCH_CPU_INDEX=${TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}
+TORCH_INDEX_URL=${TORCH_INDEX_URL:-}
 EXTRAS=${EXTRAS:-dev}
 
 if [ ! -x "$VENV/bin/python" ]; then
@@ -31,11 +33,12 @@ if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
     "${pip[@]}" install "torch==$TORCH_VERSION" numpy
   else
     echo "[install] CPU host: torch==$TORCH_VERSION (CPU build)"
-    # A local CPU wheel (pip's find-links) or an index that serves +cpu builds answers
-    # first; otherwise ask the PyTorch CPU index.
-    if ! "${pip[@]}" install "torch==$TORCH_VERSION+cpu" numpy 2>/dev/null; then
-      "${pip[@]}" install "torch==$TORCH_VERSION" numpy --index-url "$TORCH_CPU_INDEX" \
-        --extra-index-url https://pypi.org/simple
+    extra=()
+    [ -n "$TORCH_INDEX_URL" ] && extra=(--extra-index-url "$TORCH_INDEX_URL")
+    if ! "${pip[@]}" install "torch==$TORCH_VERSION+cpu" numpy "${extra[@]}"; then
+      echo "[install] no torch==$TORCH_VERSION+cpu where pip looks; set TORCH_INDEX_URL to an" \
+        "index that serves CPU builds, or put the wheel in pip's find-links" >&2
+      exit 1
     fi
   fi
 fi

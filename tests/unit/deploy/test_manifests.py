@@ -212,3 +212,23 @@ def test_build_script_is_executable() -> None:
     script = DEPLOY / "build_cpu.sh"
     assert script.is_file() and os.access(script, os.X_OK)
     assert script.read_text().startswith("#!/usr/bin/env bash")
+
+
+def test_no_package_index_host_is_named() -> None:
+    """Installs go through pip's own configuration; a torch index is an opt-in variable."""
+    import re
+
+    hosts = re.compile(r"https?://[^\s\"']*(pypi|pytorch|pythonhosted|simple)[^\s\"']*")
+    named = []
+    for path in [
+        *REPO.glob("scripts/*"),
+        *REPO.glob("deploy/**/*"),
+        REPO / "Makefile",
+        REPO / ".ci" / "run",
+        REPO / "pyproject.toml",
+    ]:
+        if path.is_file():
+            named += [
+                f"{path.relative_to(REPO)}: {m.group(0)}" for m in hosts.finditer(path.read_text())
+            ]
+    assert not named, named
