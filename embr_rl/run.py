@@ -405,7 +405,9 @@ def run(cfg: Config) -> dict[str, Any]:
             ray.shutdown()
 
     wall = time.perf_counter() - t0
-    records = read_jsonl(run_dir / "metrics.jsonl")
+    # metrics.jsonl also holds the steps before a resume; without it, this process's records.
+    jsonl = run_dir / "metrics.jsonl"
+    records = read_jsonl(jsonl) if cfg.logging.jsonl and jsonl.is_file() else logger.records
     rows = report.summary_rows(records, wall)
     flips = None
     first, last = run_dir / "eval" / "step_00000000.jsonl", run_dir / "eval" / "final.jsonl"

@@ -210,13 +210,16 @@ class ProgressSink:
 
 
 class MetricsLogger:
-    """Fans ``log``/``event`` out to sinks and keeps every logged record for the summary."""
+    """Fans ``log``/``event`` out to sinks and keeps every logged record (``records``, as
+    metrics.jsonl would hold them) for the summary, whatever sinks are on."""
 
     def __init__(self, sinks: list[Any]) -> None:
         self.sinks = sinks
         self.progress = next((s for s in sinks if isinstance(s, ProgressSink)), None)
+        self.records: list[dict[str, Any]] = []
 
     def log(self, step: int, metrics: Metrics) -> None:
+        self.records.append({"step": step, "time": time.time(), **metrics})
         for s in self.sinks:
             s.log(step, metrics)
 

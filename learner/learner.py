@@ -111,15 +111,18 @@ def init_distributed(
 
 
 def shutdown_distributed() -> None:
-    """Destroy the default process group so a later :func:`init_distributed` starts clean."""
-    from deepspeed.utils import groups
+    """Destroy the default process group so a later :func:`init_distributed` starts clean.
 
-    if dist.is_initialized():
+    DeepSpeed's own ``destroy_process_group`` also drops the groups it cached (a clone of
+    the world group among them; a stale one would break the next engine)."""
+    import deepspeed.comm as ds_comm
+
+    if not dist.is_initialized():
+        return
+    if getattr(ds_comm, "cdb", None) is None:  # initialised without DeepSpeed
         dist.destroy_process_group()
-    # DeepSpeed caches a clone of the world group; a stale one breaks the next engine.
-    groups._WORLD_GROUP = None
-    groups._DATA_PARALLEL_GROUP = None
-    groups._ZERO_PARAM_INTRA_PARALLEL_GROUP = None
+    else:
+        ds_comm.destroy_process_group()
 
 
 def lr_factor(step: int, cfg: LearnerConfig) -> float:

@@ -78,10 +78,13 @@ def test_run_pretrains_once_then_reuses_cached_base_model(tmp_path: Path) -> Non
         "checkpoint.resume=never",
         f"logging.run_dir={tmp_path / 'again'}",
         f"pretrain.output_dir={base}",
+        "logging.jsonl=false",  # the summary comes from the run's own records then
     )
     assert second.returncode == 0, second.stderr[-2000:]
     assert "cached at" in second.stdout and "pre-training it" not in second.stdout
     again = json.loads((tmp_path / "again" / "summary.json").read_text())
+    assert not (tmp_path / "again" / "metrics.jsonl").exists()
+    assert again["eval/steps"] == [0, 2] and again["eval/accuracy_after"] is not None
     # Greedy decoding of the same base model is deterministic.
     assert again["eval/accuracy_before"] == summary["eval/accuracy_before"]
 
