@@ -115,11 +115,11 @@ def shutdown_distributed() -> None:
 
     DeepSpeed's own ``destroy_process_group`` also drops the groups it cached (a clone of
     the world group among them; a stale one would break the next engine)."""
-    import deepspeed.comm as ds_comm
+    from deepspeed.comm import comm as ds_comm
 
     if not dist.is_initialized():
         return
-    if getattr(ds_comm, "cdb", None) is None:  # initialised without DeepSpeed
+    if ds_comm.cdb is None:  # initialised without DeepSpeed
         dist.destroy_process_group()
     else:
         ds_comm.destroy_process_group()
