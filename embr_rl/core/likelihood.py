@@ -25,9 +25,7 @@ __all__ = [
     "blockwise_token_logprobs",
     "bounds",
     "completion_logprobs",
-    "elbo",
     "elbo_from_logprobs",
-    "eubo",
     "eubo_from_logprobs",
     "fully_masked_token_logprobs",
 ]
@@ -183,16 +181,19 @@ def bounds(
     completion_mask: Tensor | None = None,
     generator: torch.Generator | None = None,
     masks: MaskDraw | None = None,
-    scheme: str = "uniform",
-    stratified: bool = False,
+    scheme: str = "count",
+    stratified: bool = True,
     antithetic: bool = False,
     micro_batch: int | None = None,
     estimator: str = "direct",
 ) -> Bounds:
-    """ELBO and EUBO [B] of ``completion_ids`` given ``prompt_ids`` from one set of forwards.
+    """ELBO and EUBO [B] of ``completion_ids`` given ``prompt_ids`` from one set of forwards
+    (DESIGN §4.1: ELBO with ``w(t) = 1/t``; EUBO with exponent ``gamma >= 1``, paper §4.3).
 
     Sums run over the positions selected by ``completion_mask`` (default: all). Pass
-    ``masks`` (a previous ``Bounds.draw``) to reuse the same draws for another model.
+    ``masks`` (a previous ``Bounds.draw``) to reuse the same draws for another model. The
+    defaults are the config's (``algo.timesteps``, ``stratified``, ``antithetic``,
+    ``eubo_gamma``, ``eubo_estimator``); the losses call the same pieces on their own draws.
     """
     draw, valid = _draw(
         prompt_ids,
@@ -217,89 +218,6 @@ def bounds(
     lower = elbo_from_logprobs(logp, draw)
     upper, coverage = eubo_from_logprobs(logp, draw, gamma, valid, estimator, lower)
     return Bounds(lower, upper, coverage, draw)
-
-
-def elbo(
-    model: nn.Module,
-    prompt_ids: Tensor,
-    completion_ids: Tensor,
-    *,
-    mask_id: int,
-    num_samples: int,
-    attention_mask: Tensor | None = None,
-    completion_mask: Tensor | None = None,
-    generator: torch.Generator | None = None,
-    masks: MaskDraw | None = None,
-    return_masks: bool = False,
-    scheme: str = "uniform",
-    stratified: bool = False,
-    antithetic: bool = False,
-    micro_batch: int | None = None,
-) -> Tensor | tuple[Tensor, MaskDraw]:
-    """Monte Carlo ELBO [B] of ``log pi(y|x)`` (DESIGN §4.1, paper eq. ELBO with ``w(t) = 1/t``).
-
-    Returns ``(elbo, draw)`` when ``return_masks``; the draw can be passed back as ``masks``.
-    """
-    draw, _ = _draw(
-        prompt_ids,
-        completion_ids,
-        num_samples=num_samples,
-        completion_mask=completion_mask,
-        generator=generator,
-        masks=masks,
-        scheme=scheme,
-        stratified=stratified,
-        antithetic=antithetic,
-    )
-    logp = completion_logprobs(
-        model,
-        prompt_ids,
-        completion_ids,
-        draw.input_masks(),
-        mask_id=mask_id,
-        attention_mask=attention_mask,
-        micro_batch=micro_batch,
-    )
-    value = elbo_from_logprobs(logp, draw)
-    return (value, draw) if return_masks else value
-
-
-def eubo(
-    model: nn.Module,
-    prompt_ids: Tensor,
-    completion_ids: Tensor,
-    *,
-    mask_id: int,
-    num_samples: int,
-    gamma: float = 1.5,
-    attention_mask: Tensor | None = None,
-    completion_mask: Tensor | None = None,
-    generator: torch.Generator | None = None,
-    masks: MaskDraw | None = None,
-    return_masks: bool = False,
-    scheme: str = "uniform",
-    stratified: bool = False,
-    antithetic: bool = False,
-    micro_batch: int | None = None,
-) -> Tensor | tuple[Tensor, MaskDraw]:
-    """Monte Carlo EUBO [B] with exponent ``gamma >= 1`` (DESIGN §4.1, paper §4.3)."""
-    out = bounds(
-        model,
-        prompt_ids,
-        completion_ids,
-        mask_id=mask_id,
-        num_samples=num_samples,
-        gamma=gamma,
-        attention_mask=attention_mask,
-        completion_mask=completion_mask,
-        generator=generator,
-        masks=masks,
-        scheme=scheme,
-        stratified=stratified,
-        antithetic=antithetic,
-        micro_batch=micro_batch,
-    )
-    return (out.eubo, out.draw) if return_masks else out.eubo
 
 
 def fully_masked_token_logprobs(
