@@ -1,7 +1,9 @@
 """Verifiers: turn a completion into a reward (math checker, sandboxed code execution).
 
 Pure code: no Ray, no DeepSpeed, no ``torch.distributed``. A :class:`Verifier` is chosen
-once at set-up with :func:`build_verifier` (registry below) and then called per sample;
+once at set-up with :func:`build_verifier` (registry below) and then called per sample
+through :func:`score_problem`, the one path from a task's ``Problem`` to its verifier;
+:class:`actors.verifiers.pool.ProblemScorer` picks each problem's verifier by name and
 :class:`actors.verifiers.pool.ScoringPool` runs many scorings concurrently, bounded.
 """
 
@@ -10,11 +12,14 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from actors.verifiers.code import CodeResult, IsolationError, SandboxLimits, resolve_mode, run_tests
 from actors.verifiers.math import DEFAULT_TIMEOUT_S, extract_answer, is_equivalent
 from actors.verifiers.rewards import RewardResult, get_reward
+
+if TYPE_CHECKING:
+    from embr_rl.core.tasks import Problem
 
 __all__ = [
     "CodeResult",
@@ -30,6 +35,7 @@ __all__ = [
     "is_equivalent",
     "register_verifier",
     "run_tests",
+    "score_problem",
 ]
 
 
@@ -47,7 +53,7 @@ class Score:
 class Verifier(Protocol):
     """Scores a completion against a reference: a mapping (or an object such as
     ``embr_rl.core.tasks.Problem``) with ``answer`` (math) or ``test``/``tests``,
-    ``entry_point`` and optionally ``prompt`` (code)."""
+    ``entry_point`` and optionally ``prompt``/``code_prompt`` (code)."""
 
     name: str
 
@@ -81,6 +87,14 @@ def build_verifier(name: str, cfg: Any = None) -> Verifier:
 
         cfg = VerifierConfig()
     return _REGISTRY[name](cfg)
+
+
+def score_problem(verifier: Verifier, completion: str, problem: Problem) -> Score:
+    """Score ``completion`` of ``problem`` with ``verifier`` (the one ``problem.verifier``
+    names). The problem itself is the reference: ``answer`` (math); ``tests``,
+    ``entry_point`` and ``code_prompt`` (code). Rollouts and evaluation both score through
+    here, so the reward of training and the accuracy of evaluation cannot drift apart."""
+    return verifier.score(completion, problem)
 
 
 def _get(reference: Any, *keys: str) -> Any:
@@ -151,8 +165,9 @@ def extract_code(completion: str, prompt: str = "", entry_point: str = "") -> st
 
 
 class CodeVerifier:
-    """Programs scored by their unit tests in the sandbox; ``reference`` holds ``test``,
-    ``entry_point`` and optionally ``prompt``."""
+    """Programs scored by their unit tests in the sandbox; ``reference`` holds ``test``
+    (or ``tests``), ``entry_point`` and optionally ``prompt`` (or ``code_prompt``, as a
+    ``Problem`` has it): the trusted code the completion continues."""
 
     name = "code"
 
@@ -176,7 +191,7 @@ class CodeVerifier:
         test, entry = _get(reference, "test", "tests"), _get(reference, "entry_point")
         if not isinstance(test, str) or not isinstance(entry, str):
             return Score(0.0, {"tests": 0.0}, "no_reference")
-        prompt = _get(reference, "prompt")
+        prompt = _get(reference, "prompt", "code_prompt")
         prompt = prompt if isinstance(prompt, str) else ""
         program = extract_code(completion, prompt, entry)
         res = run_tests(

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from actors.verifiers import Score, Verifier, build_verifier
+from actors.verifiers import Score
+from actors.verifiers.pool import ProblemScorer
 from embr_rl.core.config import (
     Config,
     ConfigError,
@@ -366,15 +367,13 @@ class RecordingScorer:
 
     def __init__(self, cfg: VerifierConfig) -> None:
         self.cfg = cfg
-        self.verifiers: dict[str, Verifier] = {}
+        self.scorer = ProblemScorer(cfg)
         self.scores: list[Score] = []
 
     def __call__(self, completion: str, problem: Problem) -> float:
-        from embr_rl.evaluation.evaluate import is_correct, verifier_reference
+        from embr_rl.evaluation.evaluate import is_correct
 
-        if problem.verifier not in self.verifiers:
-            self.verifiers[problem.verifier] = build_verifier(problem.verifier, self.cfg)
-        score = self.verifiers[problem.verifier].score(completion, verifier_reference(problem))
+        score = self.scorer.score(completion, problem)
         self.scores.append(score)
         return float(is_correct(score))
 

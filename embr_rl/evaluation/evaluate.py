@@ -18,7 +18,8 @@ from typing import Any
 from actors.decoding import DecodeStats
 from actors.engines import DecodeOptions
 from actors.engines.torch_engine import TorchEngine
-from actors.verifiers import Score, Verifier, build_verifier
+from actors.verifiers import Score
+from actors.verifiers.pool import ProblemScorer
 from embr_rl.core.config import EvalConfig, VerifierConfig
 from embr_rl.core.models.loader import LoadedModel
 from embr_rl.core.models.tokenizer import decode_completions
@@ -40,25 +41,14 @@ def is_correct(score: Score) -> bool:
     return score.outcome in CORRECT_OUTCOMES
 
 
-def verifier_reference(problem: Problem) -> Any:
-    """What the problem's verifier scores against: the problem itself (math), or for code
-    its tests, entry point and prompt (the prompt's imports and helpers go in front of the
-    program, as HumanEval expects)."""
-    if problem.verifier != "code":
-        return problem
-    return {"test": problem.tests, "entry_point": problem.entry_point, "prompt": problem.question}
-
-
 def correctness_scorer(cfg: VerifierConfig | None = None) -> Scorer:
     """1.0 when the problem's verifier judges the completion correct, else 0.0 (format terms of
-    the reward presets do not count towards accuracy)."""
-    verifiers: dict[str, Verifier] = {}
+    the reward presets do not count towards accuracy). Scores like the rollouts do
+    (:class:`actors.verifiers.pool.ProblemScorer`)."""
+    scorer = ProblemScorer(cfg)
 
     def score(completion: str, problem: Problem) -> float:
-        if problem.verifier not in verifiers:
-            verifiers[problem.verifier] = build_verifier(problem.verifier, cfg)
-        verifier = verifiers[problem.verifier]
-        return float(is_correct(verifier.score(completion, verifier_reference(problem))))
+        return float(is_correct(scorer.score(completion, problem)))
 
     return score
 

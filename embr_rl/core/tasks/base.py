@@ -14,8 +14,12 @@ class Problem:
     """One prompt of a task.
 
     ``answer`` is the gold final answer (math); ``tests`` and ``entry_point`` are the unit
-    tests of a code problem; ``solution`` is a worked solution (training text) when the
-    dataset has one; ``verifier`` names the verifier that scores completions.
+    tests of a code problem and ``code_prompt`` the code its completion continues
+    (HumanEval's prompt: imports, helpers, the signature), which the code verifier puts in
+    front of the program and runs before the tests; ``solution`` is a worked solution
+    (training text) when the dataset has one; ``verifier`` names the verifier that scores
+    completions. The problem itself is what its verifier scores against
+    (``actors.verifiers.score_problem``).
     """
 
     id: str
@@ -25,6 +29,7 @@ class Problem:
     solution: str | None = None
     tests: str | None = None
     entry_point: str | None = None
+    code_prompt: str | None = None
     verifier: str = "math"
     metadata: dict[str, Any] = field(default_factory=dict)
 

@@ -111,6 +111,7 @@ def load_humaneval(cfg: TaskConfig, split: str) -> list[Problem]:
             solution=r["prompt"] + r["canonical_solution"],
             tests=r["test"],
             entry_point=r["entry_point"],
+            code_prompt=r["prompt"],
             verifier="code",
         )
         for r in rows

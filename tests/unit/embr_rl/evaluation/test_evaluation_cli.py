@@ -321,12 +321,14 @@ def test_correctness_scorer_counts_passed_code_as_correct() -> None:
 
 def test_code_problems_are_scored_with_their_prompt_in_front() -> None:
     # The prompt's import must reach the program for a completion that omits it.
+    prompt = 'from typing import List\n\n\ndef total(xs: List[int]) -> int:\n    """Sum."""\n'
     problem = Problem(
         id="c",
         task="humaneval",
-        question='from typing import List\n\n\ndef total(xs: List[int]) -> int:\n    """Sum."""\n',
+        question=prompt,
         tests="def check(candidate):\n    assert candidate([1, 2]) == 3\n",
         entry_point="total",
+        code_prompt=prompt,
         verifier="code",
     )
     completion = "```python\ndef total(xs: List[int]) -> int:\n    return sum(xs)\n```"

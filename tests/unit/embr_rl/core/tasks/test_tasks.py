@@ -28,6 +28,7 @@ def test_shared_test_sets_load_in_full(shared_data: Path, name: str, rows: int) 
         assert p.task == name and p.question
         if name == "humaneval":
             assert p.verifier == "code" and p.tests and p.entry_point and p.answer is None
+            assert p.code_prompt == p.question and (p.solution or "").startswith(p.code_prompt)
         else:
             assert p.verifier == "math" and p.answer
 
