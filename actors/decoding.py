@@ -290,7 +290,7 @@ def _ends_in_stops(block: torch.Tensor, stops: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def generate(
+def generate(  # noqa: C901, PLR0912, PLR0915  (the block/step schedule and its fast modes in one loop)
     model: torch.nn.Module,
     prompt_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,

@@ -299,7 +299,7 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(out)
 
 
-def build_report(
+def build_report(  # noqa: C901, PLR0912, PLR0915  (report assembly, one table after another)
     records: Sequence[Mapping[str, Any]],
     tuned: Mapping[str, Any] | None,
     commands: Sequence[Mapping[str, Any]],

@@ -87,7 +87,7 @@ def _log(msg: str) -> None:
     print(f"[pretrain] {msg}", flush=True)
 
 
-def pretrain(cfg: Config) -> Path:
+def pretrain(cfg: Config) -> Path:  # noqa: PLR0915  (the pre-training loop and its summary, in order)
     """Train and save the base model; returns its directory."""
     if cfg.task.name != "arith":
         raise ConfigError(

@@ -49,7 +49,7 @@ def decode(line: bytes) -> object:
         raise ValueError(f"not a plain value: {type(exc).__name__}") from None
 
 
-def _dec(x: object, depth: int) -> object:
+def _dec(x: object, depth: int) -> object:  # noqa: C901, PLR0912  (one branch per tagged builtin type of the codec)
     if depth > MAX_DEPTH:
         raise ValueError(f"value nested deeper than {MAX_DEPTH}")
     kind = type(x)

@@ -383,7 +383,7 @@ def run_tests(
     return result
 
 
-def _run(
+def _run(  # noqa: C901, PLR0915  (one sandboxed run, start to verdict, in order)
     program: str,
     test: str,
     entry_point: str,
