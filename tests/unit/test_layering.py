@@ -1,4 +1,4 @@
-"""The import layering of docs/architecture.md, read from every module's source.
+"""The import layering of the README's Layout section, read from every module's source.
 
 Layers, bottom up: the core (``embr_rl.core``), the roles (``actors``, ``buffer``,
 ``learner``) on the core only and never on each other, and the job (the rest of
