@@ -23,8 +23,8 @@ import pyarrow as pa
 import torch
 
 from actors.engines import DecodeOptions, RolloutEngine, build_engine
-from actors.verifiers import Score, Verifier, build_verifier
-from actors.verifiers.pool import ScoringPool, collect
+from actors.verifiers import Score, Verifier
+from actors.verifiers.pool import ProblemScorer, collect
 from embr_rl.core.experience import empty_table, rows_from_dicts
 from embr_rl.core.losses import d1_token_logprobs
 from embr_rl.core.models.tokenizer import decode_completions
@@ -81,7 +81,9 @@ class RolloutWorker:
 
     ``verifiers`` maps a problem's ``verifier`` name to a :class:`~actors.verifiers.Verifier`;
     names not given are built with :func:`actors.verifiers.build_verifier` from
-    ``verifier_cfg`` on first use. ``seed`` makes the sampling of every batch reproducible.
+    ``verifier_cfg`` on first use; a :class:`~actors.verifiers.pool.ProblemScorer` scores
+    the completions, as in evaluation. ``seed`` makes the sampling of every batch
+    reproducible.
     ``behaviour`` (None: not recorded) fills the rows' ``behaviour_logp`` column.
     A completion's text is cut at its first stop id: ``eos_id`` (default: the tokenizer's)
     or one of ``stop_ids`` (end-of-turn ids such as ``<|eot_id|>``).
@@ -122,18 +124,15 @@ class RolloutWorker:
         self.max_prompt_length = max_prompt_length
         self.worker_id = worker_id
         self.seed = seed
-        self._verifiers: dict[str, Verifier] = dict(verifiers or {})
-        self._verifier_cfg = verifier_cfg
-        self._num_scorers = num_scorers
-        self._pools: dict[str, ScoringPool] = {}
+        self._scorer = ProblemScorer(verifier_cfg, verifiers, max_workers=num_scorers)
         self._score_timeout_s: float | None = getattr(verifier_cfg, "score_timeout_s", None)
         self._version = policy_version
         self._batches = 0
-        self._pending: tuple[Mapping[str, torch.Tensor], int] | None = None
-        self._state_lock = threading.Lock()
         self._generating = threading.Lock()
         self._metrics: dict[str, float] = {}
-        self._sync: WeightSyncClient | None = None
+        # The one weight path: broadcasts and in-process updates are staged here and
+        # applied between batches through the engine's own update_weights.
+        self._sync = WeightSyncClient(engine, version=policy_version)
         self.behaviour = behaviour
         if behaviour is not None and getattr(engine, "model", None) is None:
             raise TypeError(
@@ -186,19 +185,28 @@ class RolloutWorker:
     @property
     def policy_version(self) -> int:
         """The version of the weights the next batch is generated with."""
-        with self._state_lock:
-            return self._pending[1] if self._pending is not None else self._version
+        return self._sync.latest_version
+
+    # ------------------------------------------------------------------ weight sync
+
+    def connect_weight_sync(self, spec: SyncSpec) -> None:
+        """Join the learner's weight broadcast; the manifest is checked against the engine's
+        ``weight_specs`` (see :class:`embr_rl.core.transport.WeightSyncClient`)."""
+        self._sync.connect(spec)
+
+    def receive_weights(self, handle: Any, version: int) -> int:
+        """Stage broadcast ``version``; applied now if idle, else after the running batch."""
+        nbytes = self._sync.receive(handle, version)
+        self._apply_if_idle()
+        return nbytes
 
     def update_weights(self, state_dict: Mapping[str, torch.Tensor], version: int) -> None:
-        """Take the policy weights of ``version``; applied now, or after the running batch."""
-        with self._state_lock:
-            latest = self._pending[1] if self._pending is not None else self._version
-            if version < latest:
-                raise ValueError(
-                    f"weight version {version} is older than the worker's version {latest}; "
-                    "versions must not go back"
-                )
-            self._pending = (state_dict, version)
+        """Take in-process weights of ``version`` (no broadcast: the local loop) by the same
+        path as a broadcast: staged, then applied now or after the running batch."""
+        self._sync.stage(state_dict, version)
+        self._apply_if_idle()
+
+    def _apply_if_idle(self) -> None:
         if self._generating.acquire(blocking=False):
             try:
                 self._apply_pending()
@@ -206,41 +214,9 @@ class RolloutWorker:
                 self._generating.release()
 
     def _apply_pending(self) -> None:
-        with self._state_lock:
-            pending, self._pending = self._pending, None
-        if pending is not None:
-            self.engine.update_weights(pending[0])
-            self._version = pending[1]
-        if self._sync is not None:
-            version = self._sync.apply_pending()
-            if version is not None:
-                self._version = version
-
-    # ------------------------------------------------------------------ weight sync
-
-    def connect_weight_sync(self, spec: SyncSpec) -> None:
-        """Join the learner's weight broadcast (see :class:`embr_rl.core.transport.WeightSyncClient`)."""
-        model = getattr(self.engine, "model", None)
-        if model is None:
-            raise TypeError(
-                f"engine {type(self.engine).__name__} exposes no torch model; it cannot take "
-                "weights from the learner's broadcast"
-            )
-        if self._sync is None:
-            self._sync = WeightSyncClient(model)
-        self._sync.connect(spec)
-
-    def receive_weights(self, handle: Any, version: int) -> int:
-        """Stage broadcast ``version``; applied now if idle, else after the running batch."""
-        if self._sync is None:
-            raise RuntimeError("receive_weights before connect_weight_sync")
-        nbytes = self._sync.receive(handle, version)
-        if self._generating.acquire(blocking=False):
-            try:
-                self._apply_pending()
-            finally:
-                self._generating.release()
-        return nbytes
+        version = self._sync.apply_pending()
+        if version is not None:
+            self._version = version
 
     def ping(self) -> dict[str, Any]:
         """Liveness and identity: pid, worker id, weight version, batches generated."""
@@ -257,13 +233,6 @@ class RolloutWorker:
         """:meth:`generate` and the batch's metrics (two Ray return values for the driver)."""
         rows = self.generate(problems)
         return rows, self.metrics()
-
-    def _verifier(self, name: str) -> ScoringPool:
-        if name not in self._pools:
-            if name not in self._verifiers:
-                self._verifiers[name] = build_verifier(name, self._verifier_cfg)
-            self._pools[name] = ScoringPool(self._verifiers[name], self._num_scorers)
-        return self._pools[name]
 
     def generate(self, problems: Sequence[Problem]) -> pa.Table:
         """``group_size`` scored completions per problem, as rows of the buffer schema."""
@@ -290,9 +259,7 @@ class RolloutWorker:
                 self.tokenizer, out.completion_ids, self.eos_id, self.stop_ids
             )
             futures = [
-                self._verifier(problems[i // self.group_size].verifier).submit(
-                    text, problems[i // self.group_size]
-                )
+                self._scorer.submit(text, problems[i // self.group_size])
                 for i, text in enumerate(texts)
             ]
             behaviour: list[list[float]] | None = None
@@ -367,9 +334,7 @@ class RolloutWorker:
 
     def close(self) -> None:
         """Stop the scoring pools."""
-        for pool in self._pools.values():
-            pool.close()
-        self._pools.clear()
+        self._scorer.close()
 
 
 class ConfiguredRolloutWorker(RolloutWorker):

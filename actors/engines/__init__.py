@@ -1,7 +1,10 @@
 """Rollout engines: one small protocol, a registry, and the engines behind it.
 
 An engine turns prompt token ids into completion token ids with the decoding options of
-:class:`DecodeOptions` and takes new policy weights between calls. It is chosen once at
+:class:`DecodeOptions` and takes new policy weights between calls through its own
+``update_weights`` (the rollout worker's and the evaluator's
+:class:`~embr_rl.core.transport.WeightSyncClient` applies every broadcast with it; the
+worker never reaches into an engine's model). It is chosen once at
 set-up with :func:`build_engine` (``rollout.engine`` in the config):
 
 - ``torch`` (:class:`actors.engines.torch_engine.TorchEngine`): the built-in PyTorch
@@ -20,6 +23,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from actors.decoding import DecodeStats
+from embr_rl.core.transport import TensorSpec
 
 __all__ = [
     "DecodeOptions",
@@ -75,8 +79,14 @@ class RolloutEngine(Protocol):
         """One completion per prompt (repeat a prompt for a group); ``seed`` fixes sampling."""
         ...
 
+    def weight_specs(self) -> Sequence[TensorSpec] | None:
+        """Names, full shapes and dtypes :meth:`update_weights` takes (None: not known here);
+        the weight broadcast checks the learner's manifest against them when it connects."""
+        ...
+
     def update_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
-        """Load new policy weights (never called while :meth:`generate` runs)."""
+        """Load new policy weights by name, all or a subset such as a LoRA adapter (the one
+        way weights reach an engine; never called while :meth:`generate` runs)."""
         ...
 
 

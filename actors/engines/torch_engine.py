@@ -10,6 +10,7 @@ import torch
 from actors.decoding import DecodeStats, generate
 from actors.engines import DecodeOptions, EngineOutput, register_engine
 from embr_rl.core.models.tokenizer import left_pad
+from embr_rl.core.transport import TensorSpec, load_named_tensors, module_weight_specs
 
 
 class TorchEngine:
@@ -91,10 +92,14 @@ class TorchEngine:
         empty = torch.empty(0, options.gen_length, dtype=torch.long)
         return EngineOutput(torch.cat(outs) if outs else empty, stats)
 
-    @torch.no_grad()
+    def weight_specs(self) -> list[TensorSpec]:
+        """The model's parameters and buffers (peft names when it holds a LoRA adapter)."""
+        return module_weight_specs(self.model)
+
     def update_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
-        """Copy ``state_dict`` into the model in place (every key must match)."""
-        self.model.load_state_dict(dict(state_dict), strict=True)
+        """Copy ``state_dict`` into the model in place by name: every weight, or a subset such
+        as a LoRA adapter; an unknown name or shape fails before anything is copied."""
+        load_named_tensors(self.model, state_dict)
 
 
 @register_engine("torch")

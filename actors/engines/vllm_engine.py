@@ -8,6 +8,12 @@ the end-of-turn ids to its ``stop_token_ids`` (``suppress_eos`` becomes ``min_to
 which holds back the EOS and those ids alike), and the diffusion options (block length,
 steps, threshold, cache, remasking) travel in ``SamplingParams.extra_args`` for models
 whose vLLM implementation reads them.
+
+New policy weights go through vLLM's own loading (each served model's ``load_weights``,
+which takes the checkpoint's names and does vLLM's fusing and sharding), so the engine
+exposes no torch model. The names it takes are those of the model it was built from
+(``weight_specs``); a LoRA adapter broadcast (``model.lora.enabled``) is refused when the
+engine is built, since vLLM loads full weights only.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import torch
 
 from actors.decoding import DecodeStats
 from actors.engines import DecodeOptions, EngineOutput, register_engine
+from embr_rl.core.transport import TensorSpec, module_weight_specs
 
 WeightLoader = Callable[[Any, Mapping[str, torch.Tensor]], None]
 
@@ -36,9 +43,14 @@ def _import_vllm() -> Any:
 
 
 def _apply_model_loader(llm: Any, state_dict: Mapping[str, torch.Tensor]) -> None:
-    """Load weights into every vLLM worker's model through ``LLM.apply_model``."""
+    """Load weights into every vLLM worker's model through ``LLM.apply_model`` (vLLM
+    versions without it: the in-process driver worker's model)."""
     items = [(k, v.detach().cpu()) for k, v in state_dict.items()]
-    llm.apply_model(lambda model: model.load_weights(items))
+    if hasattr(llm, "apply_model"):
+        llm.apply_model(lambda model: model.load_weights(items))
+        return
+    model = llm.llm_engine.model_executor.driver_worker.model_runner.model
+    model.load_weights(items)
 
 
 class VLLMEngine:
@@ -47,6 +59,8 @@ class VLLMEngine:
     ``llm`` may be given ready-made (tests pass a fake); otherwise ``vllm.LLM(model=model,
     **llm_kwargs)`` is built. ``weight_loader(llm, state_dict)`` applies new weights; the
     default goes through ``LLM.apply_model`` and each model's ``load_weights``.
+    ``weight_specs`` (checkpoint names, full shapes, dtypes) is what :meth:`weight_specs`
+    reports to the weight broadcast; None leaves the names to vLLM's loader to check.
     ``stop_ids`` (end-of-turn ids, e.g. ``<|eot_id|>``) stop a completion as the EOS does;
     a completion is filled with ``eos_id`` (else ``pad_id``) to ``gen_length``.
     """
@@ -62,6 +76,7 @@ class VLLMEngine:
         stop_ids: Sequence[int] | None = None,
         pad_id: int = 0,
         weight_loader: WeightLoader | None = None,
+        weight_specs: Sequence[TensorSpec] | None = None,
         **llm_kwargs: Any,
     ) -> None:
         self._vllm = _import_vllm()
@@ -74,6 +89,7 @@ class VLLMEngine:
         self.stop_ids = tuple(int(i) for i in stop_ids or () if i != eos_id)
         self.pad_id = pad_id
         self.weight_loader = weight_loader or _apply_model_loader
+        self._weight_specs = list(weight_specs) if weight_specs is not None else None
 
     def _sampling_params(self, options: DecodeOptions, seed: int | None) -> Any:
         extra = {
@@ -113,8 +129,12 @@ class VLLMEngine:
         stats.tokens_committed = out.numel()
         return EngineOutput(out, stats)
 
+    def weight_specs(self) -> list[TensorSpec] | None:
+        """The checkpoint weights vLLM's loader takes, if known (see the class)."""
+        return list(self._weight_specs) if self._weight_specs is not None else None
+
     def update_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
-        """Push ``state_dict`` into the served model."""
+        """Push ``state_dict`` (checkpoint names, all weights or some) into the served model."""
         self.weight_loader(self.llm, state_dict)
 
 
@@ -126,12 +146,21 @@ def _build_vllm(
     max_batch_size: int | None = None,
     **kwargs: Any,
 ) -> VLLMEngine:
-    """From ``model=`` (hub id or directory) or a ``LoadedModel``'s ``name_or_path``."""
-    if model is None and loaded is not None:
-        model = getattr(getattr(loaded.model, "config", None), "name_or_path", None)
+    """From ``model=`` (hub id or directory) or a ``LoadedModel``'s ``name_or_path``; a
+    ``LoadedModel`` also gives the weight names (it must not hold a LoRA adapter)."""
+    if loaded is not None:
+        if getattr(loaded.model, "peft_config", None) is not None:
+            raise ValueError(
+                "rollout.engine='vllm' loads full weights only, but model.lora.enabled=true "
+                "makes the learner broadcast the LoRA adapter alone; use rollout.engine='torch' "
+                "or model.lora.enabled=false"
+            )
+        if model is None:
+            model = getattr(getattr(loaded.model, "config", None), "name_or_path", None)
         kwargs.setdefault("eos_id", loaded.eos_token_id)
         kwargs.setdefault("stop_ids", loaded.stop_token_ids)
         kwargs.setdefault("pad_id", loaded.pad_token_id)
+        kwargs.setdefault("weight_specs", module_weight_specs(loaded.model))
     if max_batch_size is not None:
         kwargs.setdefault("max_num_seqs", max_batch_size)
     return VLLMEngine(model, **kwargs)

@@ -12,9 +12,10 @@ Two implementations behind one small protocol, chosen once with :func:`get_broad
 
 Both move the tensors described by a :class:`Manifest` (names, shapes, dtypes, grouped
 into single-dtype buckets of at most ``bucket_mb``), which the workers receive once at
-connection time. A worker holds a :class:`WeightSyncClient`: ``receive`` stages a
-complete update, ``apply_pending`` swaps it into the model in one step between generation
-batches, so a generation never sees half an update.
+connection time. A worker holds a :class:`WeightSyncClient` over a :class:`WeightTarget`
+(its rollout engine, or a plain module through :class:`ModuleTarget`): ``receive`` stages a
+complete update, ``apply_pending`` hands it to the target's ``update_weights`` in one step
+between generation batches, so a generation never sees half an update.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import threading
 import time
 import warnings
 import zlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
@@ -37,6 +38,7 @@ __all__ = [
     "BROADCASTS",
     "BroadcastImpl",
     "Manifest",
+    "ModuleTarget",
     "ObjectStoreBroadcast",
     "ObjectStoreReceiver",
     "SyncSpec",
@@ -47,11 +49,14 @@ __all__ = [
     "WeightBroadcast",
     "WeightReceiver",
     "WeightSyncClient",
+    "WeightTarget",
     "build_manifest",
     "flatten_bucket",
     "free_port",
     "get_broadcast",
     "iter_buckets",
+    "load_named_tensors",
+    "module_weight_specs",
     "register_broadcast",
     "unflatten_bucket",
 ]
@@ -406,59 +411,141 @@ register_broadcast("object_store", ObjectStoreBroadcast, ObjectStoreReceiver)
 # --------------------------------------------------------------------------- worker side
 
 
+class WeightTarget(Protocol):
+    """What a :class:`WeightSyncClient` applies updates to: a rollout engine, or a module.
+
+    ``weight_specs`` lists the tensors ``update_weights`` accepts by name (full shapes; the
+    dtype may differ from the sender's, values are cast on load), or None where the target
+    cannot list them (the manifest is then not checked at connection time).
+    """
+
+    def weight_specs(self) -> Sequence[TensorSpec] | None: ...
+
+    def update_weights(self, state_dict: Mapping[str, Tensor]) -> None: ...
+
+
+def module_weight_specs(module: nn.Module) -> list[TensorSpec]:
+    """Name, shape and dtype of every parameter and buffer of ``module``."""
+    named = [*module.named_parameters(), *module.named_buffers()]
+    return [TensorSpec(n, tuple(t.shape), t.dtype) for n, t in named]
+
+
+@torch.no_grad()
+def load_named_tensors(module: nn.Module, tensors: Mapping[str, Tensor]) -> None:
+    """Copy ``tensors`` into ``module``'s parameters and buffers of the same names, in place.
+
+    A subset is fine (a LoRA adapter alone, say); an unknown name or a wrong shape fails
+    before anything is copied. Values are cast to each target's dtype and device.
+    """
+    targets = {**dict(module.named_buffers()), **dict(module.named_parameters())}
+    for name, value in tensors.items():
+        if name not in targets:
+            raise KeyError(f"{type(module).__name__} has no parameter or buffer {name!r}")
+        if tuple(value.shape) != tuple(targets[name].shape):
+            raise ValueError(
+                f"weight {name!r} has shape {tuple(value.shape)}, "
+                f"the model's is {tuple(targets[name].shape)}"
+            )
+    for name, value in tensors.items():
+        targets[name].copy_(value)
+
+
+class ModuleTarget:
+    """A plain ``nn.Module`` as a :class:`WeightTarget` (copies updates in place by name)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def weight_specs(self) -> list[TensorSpec]:
+        return module_weight_specs(self.module)
+
+    def update_weights(self, state_dict: Mapping[str, Tensor]) -> None:
+        load_named_tensors(self.module, state_dict)
+
+
+def _check_manifest(manifest: Manifest, have: Sequence[TensorSpec] | None) -> None:
+    """Every manifest tensor must exist at the receiver with the same full shape."""
+    if have is None:
+        return
+    by_name = {s.name: s for s in have}
+    missing = [s.name for s in manifest.specs if s.name not in by_name]
+    if missing:
+        raise KeyError(
+            f"this worker's model has no parameter {missing[0]!r} (of {len(missing)} missing)"
+        )
+    for s in manifest.specs:
+        if s.shape != tuple(by_name[s.name].shape):
+            raise ValueError(
+                f"weight {s.name!r}: the learner sends shape {s.shape}, "
+                f"this worker's model has {tuple(by_name[s.name].shape)}"
+            )
+
+
 @dataclass
 class _Pending:
     version: int
-    tensors: dict[str, Tensor] = field(default_factory=dict)
+    tensors: Mapping[str, Tensor] = field(default_factory=dict)
 
 
 class WeightSyncClient:
-    """The part of a rollout worker that takes weight updates.
+    """The part of a rollout worker (or the evaluator) that takes weight updates.
 
-    ``receive`` stages a whole update (nothing in the model changes); ``apply_pending``,
-    called by the worker between generation batches, copies it into the model under a lock
-    and returns the new version. Names are those of ``model.named_parameters()``.
+    ``receive`` stages a whole broadcast and ``stage`` an in-process update (nothing changes
+    yet); ``apply_pending``, called between generation batches, hands the newest staged
+    update to ``target.update_weights`` under a lock and returns its version. ``target`` is
+    a :class:`WeightTarget` (a rollout engine) or an ``nn.Module`` (wrapped in
+    :class:`ModuleTarget`). ``version`` is the version the target holds now.
     """
 
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
+    def __init__(self, target: WeightTarget | nn.Module, *, version: int = -1) -> None:
+        self.target: WeightTarget = (
+            ModuleTarget(target) if isinstance(target, nn.Module) else target
+        )
         self.receiver: WeightReceiver | None = None
-        self.version = -1
+        self.version = version
         self._pending: _Pending | None = None
         self._lock = threading.Lock()
 
+    @property
+    def latest_version(self) -> int:
+        """The version the next apply leaves the target at (staged, else applied)."""
+        with self._lock:
+            return self._pending.version if self._pending is not None else self.version
+
     def connect(self, spec: SyncSpec) -> None:
         """Join the sync group (blocks until the learner and every worker have joined)."""
-        params = dict(self.model.named_parameters())
-        missing = [s.name for s in spec.manifest.specs if s.name not in params]
-        if missing:
-            raise KeyError(
-                f"this worker's model has no parameter {missing[0]!r} (of {len(missing)})"
-            )
+        _check_manifest(spec.manifest, self.target.weight_specs())
         if self.receiver is not None:
             self.receiver.close()
         self.receiver = get_broadcast(spec.method).receiver()
         self.receiver.open(spec)
 
-    def receive(self, handle: Any, version: int) -> int:
-        """Receive update ``version`` and stage it; returns the staged bytes."""
-        if self.receiver is None:
-            raise RuntimeError("receive before connect: this worker has not joined weight sync")
-        tensors = self.receiver.receive(handle, version)
+    def stage(self, tensors: Mapping[str, Tensor], version: int) -> int:
+        """Stage ``tensors`` as ``version`` (replacing an unapplied older one); returns bytes."""
         with self._lock:
+            latest = self._pending.version if self._pending is not None else self.version
+            if version < latest:
+                raise ValueError(
+                    f"weight version {version} is older than the worker's version {latest}; "
+                    "versions must not go back"
+                )
             self._pending = _Pending(version, tensors)
         return sum(t.numel() * t.element_size() for t in tensors.values())
 
+    def receive(self, handle: Any, version: int) -> int:
+        """Receive broadcast ``version`` and stage it; returns the staged bytes."""
+        if self.receiver is None:
+            raise RuntimeError("receive before connect: this worker has not joined weight sync")
+        return self.stage(self.receiver.receive(handle, version), version)
+
     @torch.no_grad()
     def apply_pending(self) -> int | None:
-        """Copy the staged update into the model; returns its version, or None if none is staged."""
+        """Apply the staged update to the target; returns its version, or None if none is staged."""
         with self._lock:
             pending, self._pending = self._pending, None
             if pending is None:
                 return None
-            params = dict(self.model.named_parameters())
-            for name, value in pending.tensors.items():
-                params[name].copy_(value)
+            self.target.update_weights(pending.tensors)
             self.version = pending.version
             return pending.version
 

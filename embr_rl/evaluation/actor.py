@@ -1,7 +1,8 @@
 """The evaluator: held-out accuracy of the current policy at temperature 0.
 
 A plain class (``embr_rl/run.py`` makes it a Ray actor). It joins the learner's weight
-broadcast like a rollout worker, but applies a received update only when an evaluation
+broadcast like a rollout worker and by the same path (a staged update goes through its
+torch engine's ``update_weights``), but applies a received update only when an evaluation
 starts, so an evaluation never mixes two policy versions.
 """
 
@@ -29,6 +30,7 @@ class Evaluator:
     ) -> None:
         import torch
 
+        from actors.engines import build_engine
         from embr_rl.core.models.loader import load_model
         from embr_rl.core.models.lora import for_inference
         from embr_rl.core.runtime import quiet_libraries
@@ -44,8 +46,10 @@ class Evaluator:
         problems = load_task(cfg.task, cfg.task.test_split)
         self.problems = problems[: cfg.eval.limit] if cfg.eval.limit is not None else problems
         self.scorer = correctness_scorer(cfg.verifier)
-        self.sync = WeightSyncClient(self.loaded.model)
+        # The weights the evaluation decodes with: evaluate() runs the same module.
+        self.engine = build_engine("torch", loaded=self.loaded)
         self.version = 0
+        self.sync = WeightSyncClient(self.engine, version=self.version)
         self.run_dir = Path(run_dir) if run_dir is not None else None
 
     def connect_weight_sync(self, spec: SyncSpec) -> None:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 import sys
+import threading
 import types
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import pytest
 import torch
@@ -13,6 +16,15 @@ from actors.decoding import generate
 from actors.engines import DecodeOptions, RolloutEngine, build_engine, engine_names
 from actors.engines.torch_engine import TorchEngine
 from embr_rl.core.models.tokenizer import left_pad
+from embr_rl.core.transport import (
+    Manifest,
+    SyncSpec,
+    TorchDistBroadcast,
+    WeightSyncClient,
+    build_manifest,
+    free_port,
+    iter_buckets,
+)
 from tests.conftest import TINY_MASK_ID
 
 PROMPTS: list[list[int]] = [[5, 6, 7], [9], [3, 4, 5, 6, 7], [12, 13]]
@@ -149,3 +161,138 @@ def test_vllm_engine_without_vllm_says_how_to_install(monkeypatch: pytest.Monkey
     monkeypatch.setitem(sys.modules, "vllm", None)
     with pytest.raises(ImportError, match="'vllm' extra"):
         build_engine("vllm", model="some/dllm")
+
+
+# --------------------------------------------------------------------------- weight broadcast
+
+
+def _broadcast(
+    manifest: Manifest,
+    tensors: Sequence[torch.Tensor],
+    version: int,
+    connect: Callable[[SyncSpec], None],
+    receive: Callable[[Any, int], int],
+) -> None:
+    """Learner rank 0 in a thread, the receiver here, over a real gloo group (no Ray)."""
+    port = free_port()
+    specs = [
+        SyncSpec(manifest, "torch_dist", r, 2, "127.0.0.1", port, "gloo", 30.0) for r in range(2)
+    ]
+    sender = TorchDistBroadcast()
+    outcome: list[BaseException | None] = []
+
+    def learner() -> None:
+        try:
+            sender.open(specs[0])
+            sender.push(iter_buckets(manifest, tensors), version)
+            outcome.append(None)
+        except BaseException as exc:  # surfaced below
+            outcome.append(exc)
+
+    thread = threading.Thread(target=learner, daemon=True)
+    thread.start()
+    connect(specs[1])
+    receive(None, version)
+    thread.join(60)
+    sender.close()
+    assert outcome == [None], outcome
+
+
+def _loaded(model: torch.nn.Module) -> Any:
+    from embr_rl.core.models.loader import LoadedModel
+
+    return LoadedModel(
+        model=model,
+        tokenizer=None,
+        mask_token_id=TINY_MASK_ID,
+        eos_token_id=1,
+        pad_token_id=0,
+        chat_template=None,
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+    )
+
+
+def _lora() -> Any:
+    from embr_rl.core.config import LoraConfig
+
+    return LoraConfig(enabled=True, r=4, alpha=8, dropout=0.0)
+
+
+def test_torch_engine_updates_a_subset_by_name_and_checks_first(tiny_model) -> None:
+    engine = TorchEngine(tiny_model, TINY_MASK_ID)
+    specs = {s.name: s for s in engine.weight_specs()}
+    assert {n for n, _ in tiny_model.named_parameters()} <= set(specs)
+    assert specs["lm_head.weight"].shape == tuple(tiny_model.lm_head.weight.shape)
+    before = tiny_model.embed_tokens.weight.clone()
+    engine.update_weights({"lm_head.weight": torch.ones_like(tiny_model.lm_head.weight)})
+    assert bool((tiny_model.lm_head.weight == 1).all())
+    assert torch.equal(tiny_model.embed_tokens.weight, before)
+    bad = {"embed_tokens.weight": torch.zeros_like(before), "no.such": torch.zeros(1)}
+    with pytest.raises(KeyError, match=r"no\.such"):
+        engine.update_weights(bad)
+    with pytest.raises(ValueError, match="shape"):
+        engine.update_weights({"embed_tokens.weight": torch.zeros(3)})
+    assert torch.equal(tiny_model.embed_tokens.weight, before)  # nothing copied
+
+
+def test_torch_engine_takes_a_lora_adapter_broadcast(tiny_model) -> None:
+    pytest.importorskip("peft")
+    from embr_rl.core.models.lora import for_inference, wrap_lora
+
+    learner = wrap_lora(copy.deepcopy(tiny_model), _lora())
+    with torch.no_grad():
+        for p in learner.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p))
+    adapter = [(n, p) for n, p in learner.named_parameters() if p.requires_grad]
+    assert adapter and all("lora_" in n for n, _ in adapter)
+    engine = TorchEngine(for_inference(tiny_model, _lora()), TINY_MASK_ID)
+    base = {n: p.clone() for n, p in engine.model.named_parameters() if "lora_" not in n}
+    client = WeightSyncClient(engine, version=0)
+    manifest = build_manifest([(n, tuple(p.shape), p.dtype) for n, p in adapter], 1.0)
+    _broadcast(manifest, [p for _, p in adapter], 1, client.connect, client.receive)
+    assert client.apply_pending() == 1
+    got = dict(engine.model.named_parameters())
+    for name, p in adapter:
+        assert torch.equal(got[name], p), name
+    assert all(torch.equal(got[n], p) for n, p in base.items())
+    client.close()
+
+
+def test_vllm_engine_takes_a_broadcast_through_vllms_loader(fake_vllm, tiny_model) -> None:
+    engine = build_engine("vllm", loaded=_loaded(tiny_model))
+    assert not hasattr(engine, "model")
+    specs = {s.name: s for s in engine.weight_specs()}
+    named = [(n, torch.randn_like(p)) for n, p in tiny_model.named_parameters()]
+    assert all(specs[n].shape == tuple(t.shape) for n, t in named)
+    client = WeightSyncClient(engine, version=0)
+    manifest = build_manifest([(n, tuple(t.shape), t.dtype) for n, t in named], 0.005)
+    _broadcast(manifest, [t for _, t in named], 3, client.connect, client.receive)
+    assert engine.llm.loaded == []  # staged only
+    assert client.apply_pending() == 3
+    assert [k for k, _ in engine.llm.loaded] == [n for n, _ in named]
+    got = dict(engine.llm.loaded)
+    for name, value in named:
+        assert torch.equal(got[name], value), name
+    client.close()
+
+
+def test_vllm_engine_refuses_a_lora_model(fake_vllm, tiny_model) -> None:
+    pytest.importorskip("peft")
+    from embr_rl.core.models.lora import wrap_lora
+
+    with pytest.raises(ValueError, match=r"rollout\.engine='torch'"):
+        build_engine("vllm", loaded=_loaded(wrap_lora(tiny_model, _lora())))
+
+
+def test_vllm_loader_without_apply_model_uses_the_driver_worker() -> None:
+    from actors.engines.vllm_engine import _apply_model_loader
+
+    got: list[tuple[str, torch.Tensor]] = []
+    model = types.SimpleNamespace(load_weights=got.extend)
+    runner = types.SimpleNamespace(model=model)
+    executor = types.SimpleNamespace(driver_worker=types.SimpleNamespace(model_runner=runner))
+    llm = types.SimpleNamespace(llm_engine=types.SimpleNamespace(model_executor=executor))
+    _apply_model_loader(llm, {"w": torch.ones(2)})
+    assert [k for k, _ in got] == ["w"]

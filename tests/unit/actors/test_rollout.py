@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import pytest
 import torch
@@ -16,6 +17,15 @@ from embr_rl.core.config import BuiltinModelConfig, TaskConfig
 from embr_rl.core.experience import SAMPLE_SCHEMA, validate
 from embr_rl.core.models.loader import build_builtin_model
 from embr_rl.core.tasks import Problem, load_task
+from embr_rl.core.transport import (
+    Manifest,
+    SyncSpec,
+    TensorSpec,
+    TorchDistBroadcast,
+    build_manifest,
+    free_port,
+    iter_buckets,
+)
 
 OPTIONS = DecodeOptions(gen_length=8, block_length=4, steps=4, temperature=0.9)
 
@@ -298,3 +308,156 @@ def test_rows_without_recorded_logp_leave_d1_on_the_current_policy(
     models = LossModels(policy=model, mask_id=tokenizer.mask_token_id)
     batch = rows_to_batch(table, models, ids=TokenIds(pad_id=tokenizer.pad_token_id))
     assert batch.old_token_logp is None and batch.prompt_masks is None
+
+
+# --------------------------------------------------------------------------- weight broadcast
+
+
+def _broadcast(
+    manifest: Manifest,
+    tensors: Sequence[torch.Tensor],
+    version: int,
+    connect: Callable[[SyncSpec], None],
+    receive: Callable[[Any, int], int],
+) -> int:
+    """Learner rank 0 in a thread, the receiver here, over a real gloo group (no Ray)."""
+    port = free_port()
+    specs = [
+        SyncSpec(manifest, "torch_dist", r, 2, "127.0.0.1", port, "gloo", 30.0) for r in range(2)
+    ]
+    sender = TorchDistBroadcast()
+    outcome: list[BaseException | None] = []
+
+    def learner() -> None:
+        try:
+            sender.open(specs[0])
+            sender.push(iter_buckets(manifest, tensors), version)
+            outcome.append(None)
+        except BaseException as exc:  # surfaced below
+            outcome.append(exc)
+
+    thread = threading.Thread(target=learner, daemon=True)
+    thread.start()
+    connect(specs[1])
+    nbytes = receive(None, version)
+    thread.join(60)
+    sender.close()
+    assert outcome == [None], outcome
+    return nbytes
+
+
+class _VLLMLikeEngine:
+    """Serves its model elsewhere, as vLLM does: no ``.model``; lists the weights it takes
+    and records every update it is given."""
+
+    name = "vllm-like"
+
+    def __init__(self, specs: Sequence[TensorSpec]) -> None:
+        self.specs = list(specs)
+        self.updates: list[dict[str, torch.Tensor]] = []
+
+    def generate(
+        self, prompts: Sequence[Sequence[int]], options: DecodeOptions, *, seed: int | None = None
+    ) -> EngineOutput:
+        return EngineOutput(torch.zeros(len(prompts), options.gen_length, dtype=torch.long))
+
+    def weight_specs(self) -> list[TensorSpec]:
+        return self.specs
+
+    def update_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        self.updates.append({k: v.clone() for k, v in state_dict.items()})
+
+
+def test_a_broadcast_reaches_an_engine_without_a_torch_model(tokenizer, problems) -> None:
+    g = torch.Generator().manual_seed(0)
+    sent = {
+        "blocks.0.w": torch.randn(6, 4, generator=g),
+        "blocks.0.b": torch.randn(6, generator=g),
+        "head.w": torch.randn(3, 6, generator=g).bfloat16(),
+    }
+    manifest = build_manifest([(n, tuple(t.shape), t.dtype) for n, t in sent.items()], 1.0)
+    engine = _VLLMLikeEngine(manifest.specs)
+    assert not hasattr(engine, "model")
+    worker = RolloutWorker(engine, tokenizer, OPTIONS, group_size=2, num_scorers=1)
+    nbytes = _broadcast(
+        manifest, list(sent.values()), 4, worker.connect_weight_sync, worker.receive_weights
+    )
+    assert nbytes == manifest.nbytes
+    assert worker.policy_version == 4 and worker.ping()["policy_version"] == 4
+    assert len(engine.updates) == 1 and set(engine.updates[0]) == set(sent)
+    for name, value in sent.items():
+        assert torch.equal(engine.updates[0][name], value), name
+    rows = worker.generate(problems[:1])
+    worker.close()
+    assert rows.column("policy_version").to_pylist() == [4, 4]
+    assert len(engine.updates) == 1  # applied once, not again per batch
+
+
+def test_connect_checks_the_manifest_against_the_engine(tokenizer) -> None:
+    engine = _VLLMLikeEngine([TensorSpec("w", (4,), torch.float32)])
+    worker = RolloutWorker(engine, tokenizer, OPTIONS, group_size=1, num_scorers=1)
+    foreign = build_manifest([("v", (4,), torch.float32)], 1.0)
+    with pytest.raises(KeyError, match="'v'"):
+        worker.connect_weight_sync(SyncSpec(foreign, "object_store"))
+    reshaped = build_manifest([("w", (5,), torch.float32)], 1.0)
+    with pytest.raises(ValueError, match=r"shape \(5,\)"):
+        worker.connect_weight_sync(SyncSpec(reshaped, "object_store"))
+    with pytest.raises(RuntimeError, match="before connect"):
+        worker.receive_weights(None, 1)
+    assert engine.updates == [] and worker.policy_version == 0
+
+
+def test_a_broadcast_reaches_the_torch_engines_model(model, tokenizer, problems) -> None:
+    worker = _worker(model, tokenizer)
+    named = list(copy_with_noise(model).named_parameters())
+    manifest = build_manifest([(n, tuple(p.shape), p.dtype) for n, p in named], bucket_mb=0.005)
+    assert len(manifest.buckets) > 1
+    _broadcast(
+        manifest, [p for _, p in named], 2, worker.connect_weight_sync, worker.receive_weights
+    )
+    assert worker.policy_version == 2
+    got = dict(model.named_parameters())
+    for name, p in named:
+        assert torch.equal(got[name], p), name
+    assert set(worker.generate(problems[:1]).column("policy_version").to_pylist()) == {2}
+    worker.close()
+
+
+def test_in_process_updates_take_the_broadcast_path(tokenizer, problems) -> None:
+    engine = _VLLMLikeEngine([TensorSpec("w", (2,), torch.float32)])
+    worker = RolloutWorker(engine, tokenizer, OPTIONS, group_size=1, num_scorers=1)
+    worker.update_weights({"w": torch.ones(2)}, version=1)
+    assert worker.policy_version == 1 and len(engine.updates) == 1
+    with pytest.raises(ValueError, match="older than"):
+        worker.update_weights({"w": torch.zeros(2)}, version=0)
+    assert worker.generate(problems[:1]).column("policy_version").to_pylist() == [1]
+    worker.close()
+
+
+def test_the_evaluator_takes_broadcasts_by_the_same_path() -> None:
+    """The evaluator (job layer) applies through its torch engine, and only as an evaluation
+    starts."""
+    from embr_rl.core.config import load_config
+    from embr_rl.evaluation.actor import Evaluator
+    from tests.conftest import REPO
+
+    cfg = load_config(REPO / "configs/demo.yaml", ["eval.limit=2", "eval.num_show=0"])
+    evaluator = Evaluator(cfg, str(REPO / cfg.model.path))
+    assert isinstance(evaluator.engine, TorchEngine) and evaluator.sync.target is evaluator.engine
+    model = evaluator.loaded.model
+    named = [(n, p.detach() + 0.1) for n, p in model.named_parameters()]
+    manifest = build_manifest([(n, tuple(t.shape), t.dtype) for n, t in named], 1.0)
+    _broadcast(
+        manifest,
+        [t for _, t in named],
+        1,
+        evaluator.connect_weight_sync,
+        evaluator.receive_weights,
+    )
+    assert not torch.equal(model.lm_head.weight, dict(named)["lm_head.weight"])  # staged only
+    metrics = evaluator.evaluate(0)
+    assert metrics["eval/policy_version"] == 1.0
+    got = dict(model.named_parameters())
+    for name, value in named:
+        assert torch.equal(got[name], value), name
+    evaluator.sync.close()
