@@ -521,6 +521,11 @@ def _check_relations(cfg: Config) -> None:  # noqa: C901, PLR0912  (one independ
             f"{offline} ({cfg.algo.name} needs fresh rollouts)"
         )
     r = cfg.rollout
+    if r.engine == "vllm" and cfg.model.lora.enabled:
+        raise ConfigError(
+            "bad value for 'rollout.engine': 'vllm' with model.lora.enabled=true; allowed: "
+            "'torch' (the learner then broadcasts the adapter only, which vLLM cannot load)"
+        )
     fresh = r.num_workers * r.prompts_per_batch * r.group_size
     if cfg.algo.mode == "sync" and fresh < cfg.learner.batch_size:
         raise ConfigError(

@@ -127,6 +127,7 @@ def test_out_of_range_names_key_value_and_allowed(override: str, key: str, allow
             "learner.micro_batch_size",
         ),
         (["algo.mode=offline", "algo.name=d1"], "algo.name"),
+        (["rollout.engine=vllm", "model.lora.enabled=true"], "rollout.engine"),
         (
             [
                 "algo.mode=sync",
