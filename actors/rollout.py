@@ -30,7 +30,7 @@ from embr_rl.core.losses import d1_token_logprobs
 from embr_rl.core.models.tokenizer import decode_completions
 from embr_rl.core.tasks import Problem
 from embr_rl.core.tasks.prompts import encode_problems
-from embr_rl.core.transport import SyncSpec, WeightSyncClient
+from embr_rl.core.transport import TransportSpec, WeightClient
 
 
 class BehaviourScorer:
@@ -132,7 +132,7 @@ class RolloutWorker:
         self._metrics: dict[str, float] = {}
         # The one weight path: broadcasts and in-process updates are staged here and
         # applied between batches through the engine's own update_weights.
-        self._sync = WeightSyncClient(engine, version=policy_version)
+        self._sync = WeightClient(engine, version=policy_version)
         self.behaviour = behaviour
         if behaviour is not None and getattr(engine, "model", None) is None:
             raise TypeError(
@@ -189,9 +189,9 @@ class RolloutWorker:
 
     # ------------------------------------------------------------------ weight sync
 
-    def connect_weight_sync(self, spec: SyncSpec) -> None:
+    def connect_weights(self, spec: TransportSpec) -> None:
         """Join the learner's weight broadcast; the manifest is checked against the engine's
-        ``weight_specs`` (see :class:`embr_rl.core.transport.WeightSyncClient`)."""
+        ``weight_specs`` (see :class:`embr_rl.core.transport.WeightClient`)."""
         self._sync.connect(spec)
 
     def receive_weights(self, handle: Any, version: int) -> int:

@@ -1,7 +1,7 @@
 """Weight broadcast: seconds per update and effective GB/s, torch.distributed vs object store.
 
 For 10M and 100M fp32 parameters (tensors of 1M elements, like a model's layers) and 1, 2
-and 4 receivers (Ray actors holding a :class:`embr_rl.core.transport.WeightSyncClient`), the driver
+and 4 receivers (Ray actors holding a :class:`embr_rl.core.transport.WeightClient`), the driver
 plays learner rank 0 and pushes one update; the time runs from the start of the push until
 every receiver has staged and applied it. Next to it: a raw ``memcpy`` of the same bytes
 (one copy per receiver) on this machine, the physical limit of any local transfer.
@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from embr_rl.core.transport import (
-    SyncSpec,
-    WeightSyncClient,
+    TransportSpec,
+    WeightClient,
     build_manifest,
     free_port,
     get_broadcast,
@@ -47,9 +47,9 @@ class Receiver:
 
     def __init__(self, num_params: int) -> None:
         torch.set_num_threads(1)
-        self.client = WeightSyncClient(_Flat(num_params))
+        self.client = WeightClient(_Flat(num_params))
 
-    def connect_weight_sync(self, spec: SyncSpec) -> None:
+    def connect_weights(self, spec: TransportSpec) -> None:
         self.client.connect(spec)
 
     def receive_weights(self, handle: Any, version: int) -> int | None:
@@ -91,9 +91,10 @@ def run_method(
     world = receivers + 1
     sender = impl.sender()
     specs = [
-        SyncSpec(manifest, method, r, world, "127.0.0.1", port, "gloo", 300.0) for r in range(world)
+        TransportSpec(manifest, method, r, world, "127.0.0.1", port, "gloo", 300.0)
+        for r in range(world)
     ]
-    pending = [a.connect_weight_sync.remote(specs[i + 1]) for i, a in enumerate(actors)]
+    pending = [a.connect_weights.remote(specs[i + 1]) for i, a in enumerate(actors)]
     sender.open(specs[0])
     ray.get(pending)
     times = []

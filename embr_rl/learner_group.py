@@ -6,7 +6,7 @@ from ``learner.*`` (``num_ranks``, ``num_cpus_per_rank``, ``num_gpus_per_rank``,
 ``torch.distributed`` explicitly (gloo on CPU, NCCL on GPU) before DeepSpeed starts.
 
 A rollout worker taking part in weight sync exposes two methods, usually delegating to a
-:class:`~embr_rl.core.transport.WeightSyncClient`: ``connect_weight_sync(spec: SyncSpec)`` and
+:class:`~embr_rl.core.transport.WeightClient`: ``connect_weights(spec: TransportSpec)`` and
 ``receive_weights(handle, version: int)``.
 """
 
@@ -21,7 +21,7 @@ import pyarrow as pa
 
 from embr_rl.core.config import Config
 from embr_rl.core.experience import PairBatch
-from embr_rl.core.transport import SyncSpec, get_broadcast
+from embr_rl.core.transport import TransportSpec, get_broadcast
 from learner.batching import batch_stats, shard
 
 __all__ = ["LearnerGroup", "LearnerRank", "mean_metrics"]
@@ -109,7 +109,7 @@ class LearnerRank:
     def manifest(self) -> Any:
         return self.learner.manifest()
 
-    def open_sync(self, spec: SyncSpec) -> None:
+    def open_sync(self, spec: TransportSpec) -> None:
         self.learner.open_sync(spec)
 
     def push_weights(self, version: int) -> tuple[Any, list[Any]]:
@@ -224,14 +224,14 @@ class LearnerGroup:
             backend = "nccl" if device.startswith("cuda") else "gloo"
         world = len(workers) + 1
 
-        def spec(rank: int) -> SyncSpec:
-            return SyncSpec(
+        def spec(rank: int) -> TransportSpec:
+            return TransportSpec(
                 manifest, method, rank, world, host, port, backend, lc.sync_timeout_s, device
             )
 
         ray.get(
             [self.ranks[0].open_sync.remote(spec(0))]
-            + [w.connect_weight_sync.remote(spec(i + 1)) for i, w in enumerate(workers)]
+            + [w.connect_weights.remote(spec(i + 1)) for i, w in enumerate(workers)]
         )
         self._workers = list(workers)
 

@@ -18,7 +18,7 @@ _EXPORTS = {
     "LearnerGroup": "embr_rl.learner_group",
     "WeightBroadcast": "embr_rl.core.transport",
     "WeightReceiver": "embr_rl.core.transport",
-    "WeightSyncClient": "embr_rl.core.transport",
+    "WeightClient": "embr_rl.core.transport",
     "get_broadcast": "embr_rl.core.transport",
     "to_loss_batch": "learner.batching",
 }

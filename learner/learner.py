@@ -52,9 +52,9 @@ from embr_rl.core.losses import LossBatch, LossModels, LossOutput, get_loss, tra
 from embr_rl.core.models.lora import wrap_lora
 from embr_rl.core.transport import (
     Manifest,
-    SyncSpec,
     SyncStats,
     TensorSpec,
+    TransportSpec,
     WeightBroadcast,
     build_manifest,
     flatten_bucket,
@@ -244,7 +244,7 @@ class Learner:
             generator=torch.Generator(self.device),
         )
         self.step = 0
-        self._sync_names = [
+        self._broadcast_names = [
             n for n, p in module.policy.named_parameters() if p.requires_grad or not self.lora
         ]
         self._sender: WeightBroadcast | None = None
@@ -372,7 +372,7 @@ class Learner:
     def manifest(self, names: list[str] | None = None, bucket_mb: float | None = None) -> Manifest:
         """Names, full shapes and dtypes of the broadcast tensors (LoRA: adapter only)."""
         params = dict(self.policy.named_parameters())
-        names = self._sync_names if names is None else names
+        names = self._broadcast_names if names is None else names
         shapes = [
             (n, tuple(getattr(params[n], "ds_shape", params[n].shape)), params[n].dtype)
             for n in names
@@ -391,7 +391,7 @@ class Learner:
 
     # ----------------------------------------------------------------------- weight sync
 
-    def open_sync(self, spec: SyncSpec) -> None:
+    def open_sync(self, spec: TransportSpec) -> None:
         """Rank 0: join the weight-sync group (blocks until every worker joins)."""
         if self.rank != 0:
             return
@@ -402,7 +402,9 @@ class Learner:
 
     def push_weights(self, version: int) -> tuple[SyncStats | None, Any]:
         """Send the current weights as ``version``; every rank must call it (ZeRO-3 gathers)."""
-        buckets = (flat for _, flat in self.named_buckets(self._sync_names, self.cfg.bucket_mb))
+        buckets = (
+            flat for _, flat in self.named_buckets(self._broadcast_names, self.cfg.bucket_mb)
+        )
         if self.rank != 0:
             for _ in buckets:
                 pass

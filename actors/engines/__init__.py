@@ -3,7 +3,7 @@
 An engine turns prompt token ids into completion token ids with the decoding options of
 :class:`DecodeOptions` and takes new policy weights between calls through its own
 ``update_weights`` (the rollout worker's and the evaluator's
-:class:`~embr_rl.core.transport.WeightSyncClient` applies every broadcast with it; the
+:class:`~embr_rl.core.transport.WeightClient` applies every broadcast with it; the
 worker never reaches into an engine's model). It is chosen once at
 set-up with :func:`build_engine` (``rollout.engine`` in the config):
 

@@ -12,7 +12,7 @@ Two implementations behind one small protocol, chosen once with :func:`get_broad
 
 Both move the tensors described by a :class:`Manifest` (names, shapes, dtypes, grouped
 into single-dtype buckets of at most ``bucket_mb``), which the workers receive once at
-connection time. A worker holds a :class:`WeightSyncClient` over a :class:`WeightTarget`
+connection time. A worker holds a :class:`WeightClient` over a :class:`WeightTarget`
 (its rollout engine, or a plain module through :class:`ModuleTarget`): ``receive`` stages a
 complete update, ``apply_pending`` hands it to the target's ``update_weights`` in one step
 between generation batches, so a generation never sees half an update.
@@ -41,14 +41,14 @@ __all__ = [
     "ModuleTarget",
     "ObjectStoreBroadcast",
     "ObjectStoreReceiver",
-    "SyncSpec",
     "SyncStats",
     "TensorSpec",
     "TorchDistBroadcast",
     "TorchDistReceiver",
+    "TransportSpec",
     "WeightBroadcast",
+    "WeightClient",
     "WeightReceiver",
-    "WeightSyncClient",
     "WeightTarget",
     "build_manifest",
     "flatten_bucket",
@@ -157,8 +157,8 @@ def free_port() -> int:
 
 
 @dataclass(frozen=True)
-class SyncSpec:
-    """How one endpoint joins the sync group: rank 0 is the learner, 1..N the workers."""
+class TransportSpec:
+    """How one endpoint joins the weight-transport group: rank 0 is the learner, 1..N the workers."""
 
     manifest: Manifest
     method: str = "torch_dist"
@@ -192,7 +192,7 @@ class WeightBroadcast(Protocol):
 
     streams: ClassVar[bool]
 
-    def open(self, spec: SyncSpec) -> None: ...
+    def open(self, spec: TransportSpec) -> None: ...
 
     def push(self, buckets: Iterable[Tensor], version: int) -> tuple[SyncStats, Any]:
         """Send flattened ``buckets`` (manifest order); returns stats and the workers' handle."""
@@ -204,7 +204,7 @@ class WeightBroadcast(Protocol):
 class WeightReceiver(Protocol):
     """Worker end: ``receive`` returns the update's tensors by name."""
 
-    def open(self, spec: SyncSpec) -> None: ...
+    def open(self, spec: TransportSpec) -> None: ...
 
     def receive(self, handle: Any, version: int) -> dict[str, Tensor]: ...
 
@@ -239,7 +239,7 @@ def get_broadcast(name: str) -> BroadcastImpl:
 # --------------------------------------------------------------------------- torch.distributed
 
 
-def _stateless_group(spec: SyncSpec) -> tuple[dist.ProcessGroup, dist.Store]:
+def _stateless_group(spec: TransportSpec) -> tuple[dist.ProcessGroup, dist.Store]:
     """A process group of its own (not the default one), rendezvous through a ``TCPStore``."""
     timeout = datetime.timedelta(seconds=spec.timeout_s)
     store = dist.TCPStore(
@@ -272,15 +272,15 @@ class _TorchDistBase:
     def __init__(self) -> None:
         self.group: dist.ProcessGroup | None = None
         self.store: dist.Store | None = None  # must outlive the group
-        self.spec: SyncSpec | None = None
+        self.spec: TransportSpec | None = None
 
-    def open(self, spec: SyncSpec) -> None:
+    def open(self, spec: TransportSpec) -> None:
         self.spec = spec
         self.group, self.store = _stateless_group(spec)
 
-    def _ready(self) -> tuple[dist.ProcessGroup, SyncSpec]:
+    def _ready(self) -> tuple[dist.ProcessGroup, TransportSpec]:
         if self.group is None or self.spec is None:
-            raise RuntimeError("weight sync group is not open; call open(spec) first")
+            raise RuntimeError("weight-transport group is not open; call open(spec) first")
         return self.group, self.spec
 
     def close(self) -> None:
@@ -347,9 +347,9 @@ class ObjectStoreBroadcast:
     streams: ClassVar[bool] = False
 
     def __init__(self) -> None:
-        self.spec: SyncSpec | None = None
+        self.spec: TransportSpec | None = None
 
-    def open(self, spec: SyncSpec) -> None:
+    def open(self, spec: TransportSpec) -> None:
         self.spec = spec
 
     def push(self, buckets: Iterable[Tensor], version: int) -> tuple[SyncStats, Any]:
@@ -372,9 +372,9 @@ class ObjectStoreReceiver:
     """Gets the payload (or takes it already resolved by Ray) and views it by the manifest."""
 
     def __init__(self) -> None:
-        self.spec: SyncSpec | None = None
+        self.spec: TransportSpec | None = None
 
-    def open(self, spec: SyncSpec) -> None:
+    def open(self, spec: TransportSpec) -> None:
         self.spec = spec
 
     def receive(self, handle: Any, version: int) -> dict[str, Tensor]:
@@ -412,7 +412,7 @@ register_broadcast("object_store", ObjectStoreBroadcast, ObjectStoreReceiver)
 
 
 class WeightTarget(Protocol):
-    """What a :class:`WeightSyncClient` applies updates to: a rollout engine, or a module.
+    """What a :class:`WeightClient` applies updates to: a rollout engine, or a module.
 
     ``weight_specs`` lists the tensors ``update_weights`` accepts by name (full shapes; the
     dtype may differ from the sender's, values are cast on load), or None where the target
@@ -487,7 +487,7 @@ class _Pending:
     tensors: Mapping[str, Tensor] = field(default_factory=dict)
 
 
-class WeightSyncClient:
+class WeightClient:
     """The part of a rollout worker (or the evaluator) that takes weight updates.
 
     ``receive`` stages a whole broadcast and ``stage`` an in-process update (nothing changes
@@ -512,8 +512,8 @@ class WeightSyncClient:
         with self._lock:
             return self._pending.version if self._pending is not None else self.version
 
-    def connect(self, spec: SyncSpec) -> None:
-        """Join the sync group (blocks until the learner and every worker have joined)."""
+    def connect(self, spec: TransportSpec) -> None:
+        """Join the weight-transport group (blocks until the learner and every worker have joined)."""
         _check_manifest(spec.manifest, self.target.weight_specs())
         if self.receiver is not None:
             self.receiver.close()
@@ -535,7 +535,7 @@ class WeightSyncClient:
     def receive(self, handle: Any, version: int) -> int:
         """Receive broadcast ``version`` and stage it; returns the staged bytes."""
         if self.receiver is None:
-            raise RuntimeError("receive before connect: this worker has not joined weight sync")
+            raise RuntimeError("receive before connect: this worker has not joined the weight transport")
         return self.stage(self.receiver.receive(handle, version), version)
 
     @torch.no_grad()

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from embr_rl.core.transport import SyncSpec, WeightSyncClient
+from embr_rl.core.transport import TransportSpec, WeightClient
 
 
 class Evaluator:
@@ -49,10 +49,10 @@ class Evaluator:
         # The weights the evaluation decodes with: evaluate() runs the same module.
         self.engine = build_engine("torch", loaded=self.loaded)
         self.version = 0
-        self.sync = WeightSyncClient(self.engine, version=self.version)
+        self.sync = WeightClient(self.engine, version=self.version)
         self.run_dir = Path(run_dir) if run_dir is not None else None
 
-    def connect_weight_sync(self, spec: SyncSpec) -> None:
+    def connect_weights(self, spec: TransportSpec) -> None:
         self.sync.connect(spec)
 
     def receive_weights(self, handle: Any, version: int) -> int:

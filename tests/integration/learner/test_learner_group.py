@@ -10,7 +10,7 @@ import torch
 from learner_fixtures import rows, tiny_policy
 
 from embr_rl.core.config import AlgoConfig, Config, LearnerConfig
-from embr_rl.core.transport import WeightSyncClient
+from embr_rl.core.transport import WeightClient
 from embr_rl.learner_group import LearnerGroup
 from learner.learner import Learner, init_distributed, shutdown_distributed
 
@@ -38,9 +38,9 @@ class TinyWorker:
 
     def __init__(self) -> None:
         self.model = tiny_policy(seed=99).model
-        self.client = WeightSyncClient(self.model)
+        self.client = WeightClient(self.model)
 
-    def connect_weight_sync(self, spec) -> None:
+    def connect_weights(self, spec) -> None:
         self.client.connect(spec)
 
     def receive_weights(self, handle, version: int) -> int:

@@ -102,18 +102,18 @@ def test_lora_broadcast_sends_adapter_only(one_rank: None) -> None:
     import threading
 
     from embr_rl.core.models.lora import wrap_lora
-    from embr_rl.core.transport import SyncSpec, WeightSyncClient, free_port
+    from embr_rl.core.transport import TransportSpec, WeightClient, free_port
 
     lora = LoraConfig(enabled=True, r=4, alpha=8, dropout=0.0)
     learner = Learner(_cfg(), AlgoConfig(name="embr_c", num_mc_samples=2), tiny_policy(), lora=lora)
     worker = wrap_lora(tiny_policy().model, lora)
-    client = WeightSyncClient(worker)
+    client = WeightClient(worker)
     try:
         learner.train_step(rows(0))
         manifest = learner.manifest()
-        spec = SyncSpec(manifest, "torch_dist", 0, 2, "127.0.0.1", free_port(), "gloo", 60.0)
+        spec = TransportSpec(manifest, "torch_dist", 0, 2, "127.0.0.1", free_port(), "gloo", 60.0)
         joined = threading.Thread(
-            target=client.connect, args=(SyncSpec(**{**spec.__dict__, "rank": 1}),)
+            target=client.connect, args=(TransportSpec(**{**spec.__dict__, "rank": 1}),)
         )
         joined.start()
         learner.open_sync(spec)

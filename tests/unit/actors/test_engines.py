@@ -18,9 +18,9 @@ from actors.engines.torch_engine import TorchEngine
 from embr_rl.core.models.tokenizer import left_pad
 from embr_rl.core.transport import (
     Manifest,
-    SyncSpec,
     TorchDistBroadcast,
-    WeightSyncClient,
+    TransportSpec,
+    WeightClient,
     build_manifest,
     free_port,
     iter_buckets,
@@ -170,13 +170,14 @@ def _broadcast(
     manifest: Manifest,
     tensors: Sequence[torch.Tensor],
     version: int,
-    connect: Callable[[SyncSpec], None],
+    connect: Callable[[TransportSpec], None],
     receive: Callable[[Any, int], int],
 ) -> None:
     """Learner rank 0 in a thread, the receiver here, over a real gloo group (no Ray)."""
     port = free_port()
     specs = [
-        SyncSpec(manifest, "torch_dist", r, 2, "127.0.0.1", port, "gloo", 30.0) for r in range(2)
+        TransportSpec(manifest, "torch_dist", r, 2, "127.0.0.1", port, "gloo", 30.0)
+        for r in range(2)
     ]
     sender = TorchDistBroadcast()
     outcome: list[BaseException | None] = []
@@ -249,7 +250,7 @@ def test_torch_engine_takes_a_lora_adapter_broadcast(tiny_model) -> None:
     assert adapter and all("lora_" in n for n, _ in adapter)
     engine = TorchEngine(for_inference(tiny_model, _lora()), TINY_MASK_ID)
     base = {n: p.clone() for n, p in engine.model.named_parameters() if "lora_" not in n}
-    client = WeightSyncClient(engine, version=0)
+    client = WeightClient(engine, version=0)
     manifest = build_manifest([(n, tuple(p.shape), p.dtype) for n, p in adapter], 1.0)
     _broadcast(manifest, [p for _, p in adapter], 1, client.connect, client.receive)
     assert client.apply_pending() == 1
@@ -266,7 +267,7 @@ def test_vllm_engine_takes_a_broadcast_through_vllms_loader(fake_vllm, tiny_mode
     specs = {s.name: s for s in engine.weight_specs()}
     named = [(n, torch.randn_like(p)) for n, p in tiny_model.named_parameters()]
     assert all(specs[n].shape == tuple(t.shape) for n, t in named)
-    client = WeightSyncClient(engine, version=0)
+    client = WeightClient(engine, version=0)
     manifest = build_manifest([(n, tuple(t.shape), t.dtype) for n, t in named], 0.005)
     _broadcast(manifest, [t for _, t in named], 3, client.connect, client.receive)
     assert engine.llm.loaded == []  # staged only

@@ -19,9 +19,9 @@ from embr_rl.core.models.loader import build_builtin_model
 from embr_rl.core.tasks import Problem, load_task
 from embr_rl.core.transport import (
     Manifest,
-    SyncSpec,
     TensorSpec,
     TorchDistBroadcast,
+    TransportSpec,
     build_manifest,
     free_port,
     iter_buckets,
@@ -317,13 +317,14 @@ def _broadcast(
     manifest: Manifest,
     tensors: Sequence[torch.Tensor],
     version: int,
-    connect: Callable[[SyncSpec], None],
+    connect: Callable[[TransportSpec], None],
     receive: Callable[[Any, int], int],
 ) -> int:
     """Learner rank 0 in a thread, the receiver here, over a real gloo group (no Ray)."""
     port = free_port()
     specs = [
-        SyncSpec(manifest, "torch_dist", r, 2, "127.0.0.1", port, "gloo", 30.0) for r in range(2)
+        TransportSpec(manifest, "torch_dist", r, 2, "127.0.0.1", port, "gloo", 30.0)
+        for r in range(2)
     ]
     sender = TorchDistBroadcast()
     outcome: list[BaseException | None] = []
@@ -380,7 +381,7 @@ def test_a_broadcast_reaches_an_engine_without_a_torch_model(tokenizer, problems
     assert not hasattr(engine, "model")
     worker = RolloutWorker(engine, tokenizer, OPTIONS, group_size=2, num_scorers=1)
     nbytes = _broadcast(
-        manifest, list(sent.values()), 4, worker.connect_weight_sync, worker.receive_weights
+        manifest, list(sent.values()), 4, worker.connect_weights, worker.receive_weights
     )
     assert nbytes == manifest.nbytes
     assert worker.policy_version == 4 and worker.ping()["policy_version"] == 4
@@ -398,10 +399,10 @@ def test_connect_checks_the_manifest_against_the_engine(tokenizer) -> None:
     worker = RolloutWorker(engine, tokenizer, OPTIONS, group_size=1, num_scorers=1)
     foreign = build_manifest([("v", (4,), torch.float32)], 1.0)
     with pytest.raises(KeyError, match="'v'"):
-        worker.connect_weight_sync(SyncSpec(foreign, "object_store"))
+        worker.connect_weights(TransportSpec(foreign, "object_store"))
     reshaped = build_manifest([("w", (5,), torch.float32)], 1.0)
     with pytest.raises(ValueError, match=r"shape \(5,\)"):
-        worker.connect_weight_sync(SyncSpec(reshaped, "object_store"))
+        worker.connect_weights(TransportSpec(reshaped, "object_store"))
     with pytest.raises(RuntimeError, match="before connect"):
         worker.receive_weights(None, 1)
     assert engine.updates == [] and worker.policy_version == 0
@@ -412,9 +413,7 @@ def test_a_broadcast_reaches_the_torch_engines_model(model, tokenizer, problems)
     named = list(copy_with_noise(model).named_parameters())
     manifest = build_manifest([(n, tuple(p.shape), p.dtype) for n, p in named], bucket_mb=0.005)
     assert len(manifest.buckets) > 1
-    _broadcast(
-        manifest, [p for _, p in named], 2, worker.connect_weight_sync, worker.receive_weights
-    )
+    _broadcast(manifest, [p for _, p in named], 2, worker.connect_weights, worker.receive_weights)
     assert worker.policy_version == 2
     got = dict(model.named_parameters())
     for name, p in named:
@@ -451,7 +450,7 @@ def test_the_evaluator_takes_broadcasts_by_the_same_path() -> None:
         manifest,
         [t for _, t in named],
         1,
-        evaluator.connect_weight_sync,
+        evaluator.connect_weights,
         evaluator.receive_weights,
     )
     assert not torch.equal(model.lm_head.weight, dict(named)["lm_head.weight"])  # staged only

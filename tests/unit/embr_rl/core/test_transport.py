@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from embr_rl.core.transport import (
-    SyncSpec,
     TensorSpec,
     TorchDistBroadcast,
-    WeightSyncClient,
+    TransportSpec,
+    WeightClient,
     build_manifest,
     flatten_bucket,
     free_port,
@@ -78,9 +78,10 @@ def test_torch_dist_threads_apply_atomically(tiny_model: torch.nn.Module) -> Non
     manifest = build_manifest(_named(learner_model), bucket_mb=0.05)
     port = free_port()
     specs = [
-        SyncSpec(manifest, "torch_dist", r, 3, "127.0.0.1", port, "gloo", 60.0) for r in range(3)
+        TransportSpec(manifest, "torch_dist", r, 3, "127.0.0.1", port, "gloo", 60.0)
+        for r in range(3)
     ]
-    clients = [WeightSyncClient(w) for w in workers]
+    clients = [WeightClient(w) for w in workers]
     sender = TorchDistBroadcast()
     before = [{n: p.clone() for n, p in w.named_parameters()} for w in workers]
     errors: list[BaseException] = []
@@ -118,7 +119,7 @@ def test_torch_dist_threads_apply_atomically(tiny_model: torch.nn.Module) -> Non
 def test_connect_rejects_foreign_manifest(tiny_model: torch.nn.Module) -> None:
     manifest = build_manifest([("no.such.weight", (2,), torch.float32)], 1.0)
     with pytest.raises(KeyError, match=r"no\.such\.weight"):
-        WeightSyncClient(tiny_model).connect(SyncSpec(manifest, "object_store"))
+        WeightClient(tiny_model).connect(TransportSpec(manifest, "object_store"))
 
 
 class _Target:
@@ -137,7 +138,7 @@ class _Target:
 
 def test_client_applies_through_its_target_newest_first() -> None:
     target = _Target([TensorSpec("w", (2,), torch.float32)])
-    client = WeightSyncClient(target, version=0)
+    client = WeightClient(target, version=0)
     assert client.apply_pending() is None and client.latest_version == 0
     assert client.stage({"w": torch.zeros(2)}, 1) == 8
     assert client.stage({"w": torch.ones(2)}, 2) == 8  # replaces the unapplied v1
@@ -147,7 +148,7 @@ def test_client_applies_through_its_target_newest_first() -> None:
     assert client.apply_pending() == 2 and client.version == 2
     assert len(target.updates) == 1 and torch.equal(target.updates[0]["w"], torch.ones(2))
     with pytest.raises(ValueError, match="shape"):
-        client.connect(SyncSpec(build_manifest([("w", (3,), torch.float32)], 1.0)))
+        client.connect(TransportSpec(build_manifest([("w", (3,), torch.float32)], 1.0)))
 
 
 def test_object_store_receiver_feeds_a_target_that_cannot_list_its_weights() -> None:
@@ -155,8 +156,8 @@ def test_object_store_receiver_feeds_a_target_that_cannot_list_its_weights() -> 
     manifest = build_manifest([("a", (3,), torch.float32), ("b", (2,), torch.bfloat16)], 1.0)
     values = [torch.arange(3.0), torch.tensor([1.5, -2.0]).bfloat16()]
     target = _Target(None)  # no manifest check: vLLM's loader checks the names itself
-    client = WeightSyncClient(target)
-    client.connect(SyncSpec(manifest, "object_store"))
+    client = WeightClient(target)
+    client.connect(TransportSpec(manifest, "object_store"))
     arrays = [flat.view(torch.uint8).numpy() for flat in iter_buckets(manifest, values)]
     payload = (5, manifest.checksum(), arrays)  # what ray.get of the learner's put returns
     assert client.receive(payload, 5) == manifest.nbytes
@@ -169,7 +170,7 @@ def test_object_store_receiver_feeds_a_target_that_cannot_list_its_weights() -> 
 
 
 def test_a_module_target_loads_a_subset(tiny_model: torch.nn.Module) -> None:
-    client = WeightSyncClient(tiny_model, version=0)
+    client = WeightClient(tiny_model, version=0)
     names = {s.name for s in client.target.weight_specs()}
     assert {n for n, _ in tiny_model.named_parameters()} <= names
     client.stage({"lm_head.weight": torch.zeros_like(tiny_model.lm_head.weight)}, 1)
