@@ -4,26 +4,21 @@ from __future__ import annotations
 
 import copy
 import sys
-import threading
 import types
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
 import torch
+from weight_broadcast import broadcast_over_gloo
 
 from actors.decoding import generate
 from actors.engines import DecodeOptions, RolloutEngine, build_engine, engine_names
 from actors.engines.torch_engine import TorchEngine
 from embr_rl.core.models.tokenizer import left_pad
 from embr_rl.core.transport import (
-    Manifest,
-    TorchDistBroadcast,
-    TransportSpec,
     WeightClient,
     build_manifest,
-    free_port,
-    iter_buckets,
 )
 from tests.conftest import TINY_MASK_ID
 
@@ -166,39 +161,6 @@ def test_vllm_engine_without_vllm_says_how_to_install(monkeypatch: pytest.Monkey
 # --------------------------------------------------------------------------- weight broadcast
 
 
-def _broadcast(
-    manifest: Manifest,
-    tensors: Sequence[torch.Tensor],
-    version: int,
-    connect: Callable[[TransportSpec], None],
-    receive: Callable[[Any, int], int],
-) -> None:
-    """Learner rank 0 in a thread, the receiver here, over a real gloo group (no Ray)."""
-    port = free_port()
-    specs = [
-        TransportSpec(manifest, "torch_dist", r, 2, "127.0.0.1", port, "gloo", 30.0)
-        for r in range(2)
-    ]
-    sender = TorchDistBroadcast()
-    outcome: list[BaseException | None] = []
-
-    def learner() -> None:
-        try:
-            sender.open(specs[0])
-            sender.push(iter_buckets(manifest, tensors), version)
-            outcome.append(None)
-        except BaseException as exc:  # surfaced below
-            outcome.append(exc)
-
-    thread = threading.Thread(target=learner, daemon=True)
-    thread.start()
-    connect(specs[1])
-    receive(None, version)
-    thread.join(60)
-    sender.close()
-    assert outcome == [None], outcome
-
-
 def _loaded(model: torch.nn.Module) -> Any:
     from embr_rl.core.models.loader import LoadedModel
 
@@ -237,7 +199,7 @@ def test_torch_engine_updates_a_subset_by_name_and_checks_first(tiny_model) -> N
     assert torch.equal(tiny_model.embed_tokens.weight, before)  # nothing copied
 
 
-def test_torch_engine_takes_a_lora_adapter_broadcast(tiny_model) -> None:
+def test_torch_engine_takes_a_lora_adapterbroadcast_over_gloo(tiny_model) -> None:
     pytest.importorskip("peft")
     from embr_rl.core.models.lora import for_inference, wrap_lora
 
@@ -252,7 +214,7 @@ def test_torch_engine_takes_a_lora_adapter_broadcast(tiny_model) -> None:
     base = {n: p.clone() for n, p in engine.model.named_parameters() if "lora_" not in n}
     client = WeightClient(engine, version=0)
     manifest = build_manifest([(n, tuple(p.shape), p.dtype) for n, p in adapter], 1.0)
-    _broadcast(manifest, [p for _, p in adapter], 1, client.connect, client.receive)
+    broadcast_over_gloo(manifest, [p for _, p in adapter], 1, client.connect, client.receive)
     assert client.apply_pending() == 1
     got = dict(engine.model.named_parameters())
     for name, p in adapter:
@@ -269,7 +231,7 @@ def test_vllm_engine_takes_a_broadcast_through_vllms_loader(fake_vllm, tiny_mode
     assert all(specs[n].shape == tuple(t.shape) for n, t in named)
     client = WeightClient(engine, version=0)
     manifest = build_manifest([(n, tuple(t.shape), t.dtype) for n, t in named], 0.005)
-    _broadcast(manifest, [t for _, t in named], 3, client.connect, client.receive)
+    broadcast_over_gloo(manifest, [t for _, t in named], 3, client.connect, client.receive)
     assert engine.llm.loaded == []  # staged only
     assert client.apply_pending() == 3
     assert [k for k, _ in engine.llm.loaded] == [n for n, _ in named]

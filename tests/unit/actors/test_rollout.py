@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
 
 import pytest
 import torch
+from weight_broadcast import broadcast_over_gloo
 
 from actors.engines import DecodeOptions, EngineOutput
 from actors.engines.torch_engine import TorchEngine
@@ -18,13 +18,9 @@ from embr_rl.core.experience import SAMPLE_SCHEMA, validate
 from embr_rl.core.models.loader import build_builtin_model
 from embr_rl.core.tasks import Problem, load_task
 from embr_rl.core.transport import (
-    Manifest,
     TensorSpec,
-    TorchDistBroadcast,
     TransportSpec,
     build_manifest,
-    free_port,
-    iter_buckets,
 )
 
 OPTIONS = DecodeOptions(gen_length=8, block_length=4, steps=4, temperature=0.9)
@@ -313,40 +309,6 @@ def test_rows_without_recorded_logp_leave_d1_on_the_current_policy(
 # --------------------------------------------------------------------------- weight broadcast
 
 
-def _broadcast(
-    manifest: Manifest,
-    tensors: Sequence[torch.Tensor],
-    version: int,
-    connect: Callable[[TransportSpec], None],
-    receive: Callable[[Any, int], int],
-) -> int:
-    """Learner rank 0 in a thread, the receiver here, over a real gloo group (no Ray)."""
-    port = free_port()
-    specs = [
-        TransportSpec(manifest, "torch_dist", r, 2, "127.0.0.1", port, "gloo", 30.0)
-        for r in range(2)
-    ]
-    sender = TorchDistBroadcast()
-    outcome: list[BaseException | None] = []
-
-    def learner() -> None:
-        try:
-            sender.open(specs[0])
-            sender.push(iter_buckets(manifest, tensors), version)
-            outcome.append(None)
-        except BaseException as exc:  # surfaced below
-            outcome.append(exc)
-
-    thread = threading.Thread(target=learner, daemon=True)
-    thread.start()
-    connect(specs[1])
-    nbytes = receive(None, version)
-    thread.join(60)
-    sender.close()
-    assert outcome == [None], outcome
-    return nbytes
-
-
 class _VLLMLikeEngine:
     """Serves its model elsewhere, as vLLM does: no ``.model``; lists the weights it takes
     and records every update it is given."""
@@ -380,7 +342,7 @@ def test_a_broadcast_reaches_an_engine_without_a_torch_model(tokenizer, problems
     engine = _VLLMLikeEngine(manifest.specs)
     assert not hasattr(engine, "model")
     worker = RolloutWorker(engine, tokenizer, OPTIONS, group_size=2, num_scorers=1)
-    nbytes = _broadcast(
+    nbytes = broadcast_over_gloo(
         manifest, list(sent.values()), 4, worker.connect_weights, worker.receive_weights
     )
     assert nbytes == manifest.nbytes
@@ -413,7 +375,9 @@ def test_a_broadcast_reaches_the_torch_engines_model(model, tokenizer, problems)
     named = list(copy_with_noise(model).named_parameters())
     manifest = build_manifest([(n, tuple(p.shape), p.dtype) for n, p in named], bucket_mb=0.005)
     assert len(manifest.buckets) > 1
-    _broadcast(manifest, [p for _, p in named], 2, worker.connect_weights, worker.receive_weights)
+    broadcast_over_gloo(
+        manifest, [p for _, p in named], 2, worker.connect_weights, worker.receive_weights
+    )
     assert worker.policy_version == 2
     got = dict(model.named_parameters())
     for name, p in named:
@@ -446,7 +410,7 @@ def test_the_evaluator_takes_broadcasts_by_the_same_path() -> None:
     model = evaluator.loaded.model
     named = [(n, p.detach() + 0.1) for n, p in model.named_parameters()]
     manifest = build_manifest([(n, tuple(t.shape), t.dtype) for n, t in named], 1.0)
-    _broadcast(
+    broadcast_over_gloo(
         manifest,
         [t for _, t in named],
         1,

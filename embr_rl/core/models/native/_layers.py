@@ -134,3 +134,26 @@ def default_positions(
     if count_real and attention_mask is not None:
         return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     return torch.arange(t, device=input_ids.device).expand(b, t)
+
+
+def key_mask_of(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Boolean ``[B, T]``: which positions are real keys (all of them without a mask)."""
+    if attention_mask is not None:
+        return attention_mask.bool()
+    return torch.ones(input_ids.shape, dtype=torch.bool, device=input_ids.device)
+
+
+def init_hub_weights(module: nn.Module, std: float) -> None:
+    """The hub classes' ``_init_weights``: normal(0, std) linear and embedding weights (a
+    padding row zeroed), zero biases, unit norm gains."""
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, mean=0.0, std=std)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, mean=0.0, std=std)
+        if module.padding_idx is not None:
+            with torch.no_grad():
+                module.weight[module.padding_idx].zero_()
+    elif isinstance(module, HubRMSNorm):
+        nn.init.ones_(module.weight)

@@ -37,6 +37,8 @@ from embr_rl.core.models.native._layers import (
     attention_mask_for,
     default_positions,
     grouped_attention,
+    init_hub_weights,
+    key_mask_of,
     rope_tables,
     rotate,
     run_layers,
@@ -199,18 +201,7 @@ class DreamNativeModel(PreTrainedModel):
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
-        std = float(self.config.initializer_range)
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, mean=0.0, std=std)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=std)
-            if module.padding_idx is not None:
-                with torch.no_grad():
-                    module.weight[module.padding_idx].zero_()
-        elif isinstance(module, HubRMSNorm):
-            nn.init.ones_(module.weight)
+        init_hub_weights(module, float(self.config.initializer_range))
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
@@ -268,16 +259,11 @@ class DreamNativeModel(PreTrainedModel):
         """Position-aligned logits [B, T, V] for ``input_ids`` [B, T] (interface of
         :meth:`embr_rl.core.models.EmbrDiffusionModel.forward`). ``logits[:, 0]`` of a full
         forward has no predecessor and is Dream's own first logit, as in its sampler."""
-        b, t = input_ids.shape
         if kv_cache is not None and position_ids is None:
             raise ValueError("position_ids are required when kv_cache is given")
         if position_ids is None:
             position_ids = default_positions(input_ids, attention_mask, count_real=True)
-        key_mask = (
-            attention_mask.bool()
-            if attention_mask is not None
-            else torch.ones(b, t, dtype=torch.bool, device=input_ids.device)
-        )
+        key_mask = key_mask_of(input_ids, attention_mask)
         if kv_cache is None:
             raw, x, keys, values, hidden = self._unshifted(
                 input_ids, key_mask, position_ids, None, output_hidden_states

@@ -31,6 +31,8 @@ from embr_rl.core.models.native._layers import (
     attention_mask_for,
     default_positions,
     grouped_attention,
+    init_hub_weights,
+    key_mask_of,
     rope_tables,
     rotate,
     run_layers,
@@ -223,15 +225,7 @@ class LLaDANativeModel(PreTrainedModel):
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
-        std = float(self.config.init_std)
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, mean=0.0, std=std)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=std)
-        elif isinstance(module, HubRMSNorm):
-            nn.init.ones_(module.weight)
+        init_hub_weights(module, float(self.config.init_std))
 
     @property
     def transformer(self) -> nn.ModuleDict:
@@ -259,16 +253,11 @@ class LLaDANativeModel(PreTrainedModel):
     ) -> EmbrDiffusionOutput:
         """Logits [B, T, V] for every position of ``input_ids`` [B, T] (interface of
         :meth:`embr_rl.core.models.EmbrDiffusionModel.forward`)."""
-        b, t = input_ids.shape
         if kv_cache is not None and position_ids is None:
             raise ValueError("position_ids are required when kv_cache is given")
         if position_ids is None:
             position_ids = default_positions(input_ids, attention_mask, count_real=False)
-        key_mask = (
-            attention_mask.bool()
-            if attention_mask is not None
-            else torch.ones(b, t, dtype=torch.bool, device=input_ids.device)
-        )
+        key_mask = key_mask_of(input_ids, attention_mask)
         attn_mask, key_mask = attention_mask_for(key_mask, kv_cache)
         tr = self.transformer
         x = tr["wte"](input_ids)
