@@ -535,7 +535,9 @@ class WeightClient:
     def receive(self, handle: Any, version: int) -> int:
         """Receive broadcast ``version`` and stage it; returns the staged bytes."""
         if self.receiver is None:
-            raise RuntimeError("receive before connect: this worker has not joined the weight transport")
+            raise RuntimeError(
+                "receive before connect: this worker has not joined the weight transport"
+            )
         return self.stage(self.receiver.receive(handle, version), version)
 
     @torch.no_grad()
