@@ -590,6 +590,44 @@ def restore(
     return state
 
 
+class StepClock:
+    """Where the driver's wall time goes, per learner step: ``time/data_wait_s`` (the learner
+    idles until the buffer can serve a step), ``time/learner_s`` (the step itself, its buffer
+    draw included; the ranks split it into ``time/learner_draw_s`` and
+    ``time/learner_compute_s``, forward, backward and optimiser), ``time/broadcast_s``
+    (weights to the receivers), ``time/step_s`` (all of it), and ``time/learner_busy``
+    (learner seconds over wall seconds since the first step).
+    Rollout decoding and scoring run beside the learner and report ``rollout/decode_s`` and
+    ``rollout/score_s``; evaluation reports ``eval/seconds``."""
+
+    def __init__(self) -> None:
+        self.t0: float | None = None
+        self.last = 0.0
+        self.parts: dict[str, float] = {}
+        self.busy = 0.0
+
+    def start(self) -> None:
+        now = time.perf_counter()
+        if self.t0 is None:
+            self.t0 = now
+        self.last, self.parts = now, {}
+
+    def mark(self, part: str) -> None:
+        """The time since the previous mark belongs to ``part``."""
+        now = time.perf_counter()
+        self.parts[part] = self.parts.get(part, 0.0) + now - self.last
+        self.last = now
+
+    def metrics(self) -> dict[str, float]:
+        assert self.t0 is not None
+        out = {f"time/{k}_s": v for k, v in self.parts.items()}
+        out["time/step_s"] = sum(self.parts.values())
+        self.busy += self.parts.get("learner", 0.0)
+        wall = time.perf_counter() - self.t0
+        out["time/learner_busy"] = self.busy / wall if wall > 0 else 0.0
+        return out
+
+
 def train(
     cfg: Config,
     fleet: Fleet,
@@ -615,14 +653,18 @@ def train(
         evals.wait()
 
     synced_at = state.step
+    clock = StepClock()
     while state.step < total and not stop:
+        clock.start()
         source.before_step()
+        clock.mark("data_wait")
         refs = fleet.learners.train_step_async(fleet.buffer, state.version)
         source.during_step(refs)
         try:
             metrics = mean_metrics(ray.get(refs))
         except RayError as exc:
             raise RuntimeError(f"learner step {state.step + 1} failed: {_brief(exc)}") from exc
+        clock.mark("learner")
         state.step += 1
         eval_due = every_eval > 0 and state.step % every_eval == 0 and state.step < total
         if source.after_step() or eval_due:
@@ -630,7 +672,9 @@ def train(
                 sync.broadcast(state, source.live_workers(), age_buffer=source.age_buffer)
             )
             synced_at = state.step
+        clock.mark("broadcast")
         metrics.update(source.metrics())
+        metrics.update(clock.metrics())
         if state.step % cfg.logging.log_every == 0 or state.step == total:
             metrics.update(ray.get(fleet.buffer.stats.remote()))
         metrics["learner/policy_version"] = float(state.version)

@@ -97,8 +97,12 @@ class LearnerRank:
 
         With ``version`` (the learner's policy version) the batch's staleness is reported too.
         """
+        start = time.perf_counter()
         batch = self.learner.sample_from(_RemoteBuffer(buffer))
+        drawn = time.perf_counter()
         metrics = self.learner.train_step(batch)
+        metrics["time/learner_draw_s"] = drawn - start
+        metrics["time/learner_compute_s"] = time.perf_counter() - drawn
         if version is not None:
             metrics.update(batch_stats(batch, version))
         return metrics

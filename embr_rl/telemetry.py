@@ -176,6 +176,14 @@ class ProgressSink:
             parts.append(f"loss {m['learner/loss']:.4g}")
         if "rollout/tokens_per_s" in m:
             parts.append(f"{m['rollout/tokens_per_s']:.0f} tok/s")
+        if "time/step_s" in m:
+            split = "/".join(
+                f"{m.get(f'time/{k}_s', 0.0):.1f}" for k in ("data_wait", "learner", "broadcast")
+            )
+            parts.append(
+                f"step {m['time/step_s']:.1f}s (wait/learn/sync {split}, "
+                f"learner busy {m.get('time/learner_busy', 0.0):.0%})"
+            )
         elapsed = time.perf_counter() - self.t0
         if self.first_step is not None and step > self.first_step and elapsed > 0:
             rate = (step - self.first_step) / elapsed

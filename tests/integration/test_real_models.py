@@ -158,5 +158,8 @@ def test_demo_job_runs_on_a_native_snapshot(
     learner_steps = [m for m in metrics if "learner/loss" in m]
     assert len(learner_steps) == 2
     assert all(m["learner/loss"] == m["learner/loss"] for m in learner_steps)
+    # Each step says where its time went (driver and learner rank).
+    for key in ("time/step_s", "time/data_wait_s", "time/learner_s", "time/learner_compute_s"):
+        assert all(key in m for m in learner_steps), key
     # The learner broadcast its trained adapter (learner.sync_every=1: once per step).
     assert max(m.get("sync/version", 0.0) for m in metrics) >= 1

@@ -157,6 +157,31 @@ def test_progress_line_on_tty_and_plain_lines_elsewhere() -> None:
     ]
 
 
+def test_step_clock_splits_a_step_and_the_line_shows_it() -> None:
+    from embr_rl.driver import StepClock
+
+    clock = StepClock()
+    for _ in range(3):
+        clock.start()
+        for part in ("data_wait", "learner", "broadcast"):
+            clock.mark(part)
+        m = clock.metrics()
+        parts = [m[f"time/{p}_s"] for p in ("data_wait", "learner", "broadcast")]
+        assert all(v >= 0 for v in parts) and m["time/step_s"] == sum(parts)
+        assert 0.0 <= m["time/learner_busy"] <= 1.0
+    out = io.StringIO()
+    sink = ProgressSink(10, tty=True, stream=out)
+    sink.log(1, {"learner/loss": 1.0, **m, "time/learner_busy": 0.8})
+    assert "wait/learn/sync" in out.getvalue() and "learner busy 80%" in out.getvalue()
+
+
+def test_logger_keeps_the_records_whatever_the_sinks() -> None:
+    logger = MetricsLogger([])
+    logger.log(1, {"eval/accuracy": 0.5})
+    logger.log(2, {"learner/loss": 1.0})
+    assert [(r["step"], r.get("eval/accuracy")) for r in logger.records] == [(1, 0.5), (2, None)]
+
+
 def test_logger_fans_out_to_every_sink(tmp_path: Path) -> None:
     seen: list[tuple[str, int]] = []
 
