@@ -321,7 +321,11 @@ def _load_offline(cfg: Config, fleet: Any) -> int:
 
     b = cfg.buffer
     assert b.offline_path is not None
-    tok = load_tokenizer(cfg.model.tokenizer or cfg.model.path, cfg.model.trust_remote_code)
+    tok = load_tokenizer(
+        cfg.model.tokenizer or cfg.model.path,
+        cfg.model.trust_remote_code,
+        revision=cfg.model.revision if cfg.model.tokenizer is None else None,
+    )
     data = load_offline(
         b.offline_path,
         tok,

@@ -80,6 +80,10 @@ class ModelConfig:
     # "builtin" builds the built-in transformer from ``builtin``; anything else is a
     # Hugging Face hub id or a local directory (e.g. GSAI-ML/LLaDA-8B-Instruct).
     path: str = "builtin"
+    # A hub commit, tag or branch to load model.path at (its tokenizer too, unless
+    # model.tokenizer names another); pin a commit for a reproducible run (null: the default
+    # branch; ignored for local folders).
+    revision: str | None = None
     tokenizer: str | None = None
     # "auto": the project's own implementation where one exists for the checkpoint's
     # model_type (llada, Dream; embr_rl.core.models.native), else transformers' Auto classes.

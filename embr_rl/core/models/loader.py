@@ -159,12 +159,12 @@ def _check_remote_code(path: str, trust: bool) -> None:
         raise ModelLoadError(_REMOTE_CODE_HINT.format(path=path))
 
 
-def read_model_type(path: str) -> str | None:
+def read_model_type(path: str, revision: str | None = None) -> str | None:
     """``model_type`` from the checkpoint's config.json (local or hub), without running its code."""
     try:
         config_file = Path(path) / "config.json"
         if not config_file.is_file():
-            config_file = Path(cached_file(path, "config.json"))
+            config_file = Path(cached_file(path, "config.json", revision=revision))
         data = json.loads(config_file.read_text())
     except (OSError, ValueError):
         return None
@@ -191,11 +191,13 @@ def choose_native(implementation: str, model_type: str | None, path: str) -> Nat
 
 
 def load_tokenizer(
-    path: str, trust_remote_code: bool = False, config: Any = None
+    path: str, trust_remote_code: bool = False, config: Any = None, revision: str | None = None
 ) -> PreTrainedTokenizerBase:
     """Load a tokenizer from a hub id or local directory (``config``: the model's, already
     parsed, so transformers does not parse config.json again with its own classes)."""
-    kwargs = {"config": config} if config is not None else {}
+    kwargs: dict[str, Any] = {"config": config} if config is not None else {}
+    if revision is not None:
+        kwargs["revision"] = revision
     return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
 
 
@@ -215,28 +217,34 @@ def load_model(
         )
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
-    model_type = read_model_type(path)
+    rev = cfg.revision
+    model_type = read_model_type(path, rev)
     native = choose_native(cfg.implementation, model_type, path)
     if native is None:
         _check_remote_code(path, cfg.trust_remote_code)
     try:
         if native is not None:
-            model_config = native.config_class.from_pretrained(path)
+            model_config = native.config_class.from_pretrained(path, revision=rev)
         else:
-            model_config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+            model_config = AutoConfig.from_pretrained(
+                path, trust_remote_code=cfg.trust_remote_code, revision=rev
+            )
         tokenizer = load_tokenizer(
             cfg.tokenizer or path,
             cfg.trust_remote_code,
             model_config if cfg.tokenizer is None else None,
+            rev if cfg.tokenizer is None else None,
         )
     except ValueError as exc:
         if "trust_remote_code" in str(exc):
             raise ModelLoadError(_REMOTE_CODE_HINT.format(path=path)) from exc
         raise
     if native is not None:
-        model = native.model_class.from_pretrained(path, config=model_config, dtype=dtype)
+        model = native.model_class.from_pretrained(
+            path, config=model_config, dtype=dtype, revision=rev
+        )
     else:
-        model = load_remote_model(path, model_config, dtype, cfg.trust_remote_code)
+        model = load_remote_model(path, model_config, dtype, cfg.trust_remote_code, rev)
     mask_id = find_mask_token_id(model_config, tokenizer, cfg.mask_token_id)
     model = model.to(device)
     model.train(for_training)

@@ -168,7 +168,7 @@ def _incompatible(
 
 
 def resolve_remote_class(
-    path: str, model_config: Any, trust_remote_code: bool
+    path: str, model_config: Any, trust_remote_code: bool, revision: str | None = None
 ) -> type[PreTrainedModel] | None:
     """The checkpoint's own model class, or None where transformers or the project provides
     the class (or remote code is not trusted) and ``AutoModel`` should pick it."""
@@ -184,7 +184,7 @@ def resolve_remote_class(
     from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
     try:
-        return get_class_from_dynamic_module(class_ref, path)
+        return get_class_from_dynamic_module(class_ref, path, revision=revision)
     except _API_ERRORS as exc:
         if isinstance(exc, ImportError) and "transformers" not in f"{exc} {exc.name}":
             raise  # a missing pip package, not a transformers API
@@ -299,24 +299,34 @@ def _with_config_defaults(cls: type, model_config: Any) -> Any:
 
 
 def load_remote_model(
-    path: str, model_config: Any, dtype: torch.dtype, trust_remote_code: bool
+    path: str,
+    model_config: Any,
+    dtype: torch.dtype,
+    trust_remote_code: bool,
+    revision: str | None = None,
 ) -> torch.nn.Module:
     """``from_pretrained`` for ``path`` with ``model_config`` in ``dtype``: the checkpoint's
     own class through :func:`compat_class`, or whatever ``AutoModel`` picks when there is none.
 
     Raises ModelLoadError when the checkpoint's code fails under the installed transformers.
     """
-    cls = resolve_remote_class(path, model_config, trust_remote_code)
+    cls = resolve_remote_class(path, model_config, trust_remote_code, revision)
     if cls is None:
         return AutoModel.from_pretrained(
-            path, config=model_config, trust_remote_code=trust_remote_code, dtype=dtype
+            path,
+            config=model_config,
+            trust_remote_code=trust_remote_code,
+            dtype=dtype,
+            revision=revision,
         )
     cls.register_for_auto_class("AutoModel")  # as AutoModel does: save_pretrained copies the code
     module_file = getattr(sys.modules.get(cls.__module__), "__file__", None)
     code_dir = Path(module_file).parent if module_file else None
     config = _with_config_defaults(cls, model_config)
     try:
-        return compat_class(cls).from_pretrained(path, config=config, dtype=dtype)
+        return compat_class(cls).from_pretrained(
+            path, config=config, dtype=dtype, revision=revision
+        )
     except _ConstructionError as exc:
         cause = exc.__cause__ or exc
         raise _incompatible(cls.__name__, path, config, cause, code_dir) from cause

@@ -275,3 +275,30 @@ def test_unsupported_llada_option_is_named(tmp_path: Path) -> None:
     (path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match=r"block_type='sequential'.*implementation=remote"):
         _load(path)
+
+
+def test_model_revision_reaches_every_hub_read(
+    snapshots: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``model.revision`` pins config, tokenizer and weights alike (a local folder ignores it,
+    so the calls are watched here)."""
+    import transformers
+
+    from embr_rl.core.models.native import NATIVE_MODELS
+
+    seen: dict[str, object] = {}
+    native = NATIVE_MODELS["llada"]
+    for name, owner in (
+        ("config", native.config_class),
+        ("model", native.model_class),
+        ("tokenizer", transformers.AutoTokenizer),
+    ):
+        inner = owner.from_pretrained.__func__
+
+        def spy(cls, *args, _inner=inner, _name=name, **kwargs):
+            seen[_name] = kwargs.get("revision")
+            return _inner(cls, *args, **kwargs)
+
+        monkeypatch.setattr(owner, "from_pretrained", classmethod(spy))
+    _load(snapshots["llada"], revision="0123abc")
+    assert seen == {"config": "0123abc", "model": "0123abc", "tokenizer": "0123abc"}
