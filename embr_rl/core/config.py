@@ -508,7 +508,7 @@ def _check_relations(cfg: Config) -> None:  # noqa: C901, PLR0912  (one independ
         raise ConfigError(
             f"bad value for 'task.arith.ops': {list(t.ops)!r}; allowed: a non-empty list of '+', '-', '*'"
         )
-    from embr_rl.core.losses import traits_of  # losses import this module's dataclasses
+    from embr_rl.core.losses import LOSS_TRAITS, traits_of  # losses import this module
 
     traits = traits_of(cfg.algo.name)
     check_batch_shape(cfg.learner, cfg.learner.num_ranks, traits.pairwise, cfg.algo.name)
@@ -517,8 +517,6 @@ def _check_relations(cfg: Config) -> None:  # noqa: C901, PLR0912  (one independ
             f"bad value for 'learner.adam_betas': {list(cfg.learner.adam_betas)!r}; allowed: two numbers in [0, 1)"
         )
     if cfg.algo.mode == "offline" and traits.one_step:
-        from embr_rl.core.losses import LOSS_TRAITS
-
         offline = ", ".join(repr(n) for n, t in LOSS_TRAITS.items() if not t.one_step)
         raise ConfigError(
             f"bad value for 'algo.name': {cfg.algo.name!r} with algo.mode='offline'; allowed: "

@@ -219,9 +219,10 @@ class Attention(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    """Gated feed-forward block: ``down(silu(gate(x)) * up(x))``."""
+    """Gated feed-forward block: ``down(silu(gate(x)) * up(x))`` (also Dream's, whose
+    config has the same ``hidden_size`` / ``intermediate_size`` names)."""
 
-    def __init__(self, cfg: EmbrDiffusionConfig) -> None:
+    def __init__(self, cfg: PretrainedConfig) -> None:
         super().__init__()
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)

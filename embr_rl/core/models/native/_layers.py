@@ -124,23 +124,30 @@ def run_layers(
     return x, keys, values, hidden
 
 
-def default_positions(
-    input_ids: torch.Tensor, attention_mask: torch.Tensor | None, *, count_real: bool
-) -> torch.Tensor:
-    """Positions ``[B, T]``: counted over real tokens (``count_real``, so left padding does
-    not move them) or the plain index. RoPE is relative, so both give real tokens the same
-    attention; each family's default follows its own code."""
+def positions_and_keys(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
+    kv_cache: KVCache | None,
+    *,
+    count_real: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward's position ids ``[B, T]`` and boolean key mask ``[B, T]`` (all real
+    without a mask). Default positions are counted over real tokens (``count_real``, so left
+    padding does not move them) or are the plain index; RoPE is relative, so both give real
+    tokens the same attention, and each family's default follows its own code. A cached
+    forward must say where its new positions are."""
+    if kv_cache is not None and position_ids is None:
+        raise ValueError("position_ids are required when kv_cache is given")
     b, t = input_ids.shape
-    if count_real and attention_mask is not None:
-        return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    return torch.arange(t, device=input_ids.device).expand(b, t)
-
-
-def key_mask_of(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-    """Boolean ``[B, T]``: which positions are real keys (all of them without a mask)."""
+    if position_ids is None:
+        if count_real and attention_mask is not None:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        else:
+            position_ids = torch.arange(t, device=input_ids.device).expand(b, t)
     if attention_mask is not None:
-        return attention_mask.bool()
-    return torch.ones(input_ids.shape, dtype=torch.bool, device=input_ids.device)
+        return position_ids, attention_mask.bool()
+    return position_ids, torch.ones(b, t, dtype=torch.bool, device=input_ids.device)
 
 
 def init_hub_weights(module: nn.Module, std: float) -> None:

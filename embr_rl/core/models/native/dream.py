@@ -31,14 +31,13 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
-from embr_rl.core.models.modeling import EmbrDiffusionOutput, KVCache
+from embr_rl.core.models.modeling import EmbrDiffusionOutput, KVCache, SwiGLU
 from embr_rl.core.models.native._layers import (
     HubRMSNorm,
     attention_mask_for,
-    default_positions,
     grouped_attention,
     init_hub_weights,
-    key_mask_of,
+    positions_and_keys,
     rope_tables,
     rotate,
     run_layers,
@@ -143,24 +142,13 @@ class _DreamAttention(nn.Module):
         return self.o_proj(att.transpose(1, 2).reshape(b, t, -1)), (k, v)
 
 
-class _DreamMLP(nn.Module):
-    def __init__(self, cfg: DreamNativeConfig) -> None:
-        super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
 class _DreamLayer(nn.Module):
     def __init__(self, cfg: DreamNativeConfig) -> None:
         super().__init__()
         self.input_layernorm = HubRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = _DreamAttention(cfg)
         self.post_attention_layernorm = HubRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = _DreamMLP(cfg)
+        self.mlp = SwiGLU(cfg)  # gate_proj / up_proj / down_proj, as Qwen2 names them
 
     def forward(
         self,
@@ -259,11 +247,9 @@ class DreamNativeModel(PreTrainedModel):
         """Position-aligned logits [B, T, V] for ``input_ids`` [B, T] (interface of
         :meth:`embr_rl.core.models.EmbrDiffusionModel.forward`). ``logits[:, 0]`` of a full
         forward has no predecessor and is Dream's own first logit, as in its sampler."""
-        if kv_cache is not None and position_ids is None:
-            raise ValueError("position_ids are required when kv_cache is given")
-        if position_ids is None:
-            position_ids = default_positions(input_ids, attention_mask, count_real=True)
-        key_mask = key_mask_of(input_ids, attention_mask)
+        position_ids, key_mask = positions_and_keys(
+            input_ids, attention_mask, position_ids, kv_cache, count_real=True
+        )
         if kv_cache is None:
             raw, x, keys, values, hidden = self._unshifted(
                 input_ids, key_mask, position_ids, None, output_hidden_states

@@ -29,10 +29,9 @@ from embr_rl.core.models.modeling import EmbrDiffusionOutput, KVCache
 from embr_rl.core.models.native._layers import (
     HubRMSNorm,
     attention_mask_for,
-    default_positions,
     grouped_attention,
     init_hub_weights,
-    key_mask_of,
+    positions_and_keys,
     rope_tables,
     rotate,
     run_layers,
@@ -253,11 +252,9 @@ class LLaDANativeModel(PreTrainedModel):
     ) -> EmbrDiffusionOutput:
         """Logits [B, T, V] for every position of ``input_ids`` [B, T] (interface of
         :meth:`embr_rl.core.models.EmbrDiffusionModel.forward`)."""
-        if kv_cache is not None and position_ids is None:
-            raise ValueError("position_ids are required when kv_cache is given")
-        if position_ids is None:
-            position_ids = default_positions(input_ids, attention_mask, count_real=False)
-        key_mask = key_mask_of(input_ids, attention_mask)
+        position_ids, key_mask = positions_and_keys(
+            input_ids, attention_mask, position_ids, kv_cache, count_real=False
+        )
         attn_mask, key_mask = attention_mask_for(key_mask, kv_cache)
         tr = self.transformer
         x = tr["wte"](input_ids)
