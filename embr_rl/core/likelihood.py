@@ -95,6 +95,7 @@ def eubo_from_logprobs(
     valid: Tensor | None = None,
     estimator: str = "direct",
     lower: Tensor | None = None,
+    block_length: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """EUBO estimate [B] and coverage [B] (DESIGN §4.1).
 
@@ -105,7 +106,10 @@ def eubo_from_logprobs(
     under the self-normalised weights ``p_ik = w_k 1[i masked in z_k] / sum_j w_j 1[i masked in z_j]``;
     both forms converge to the exact EUBO as ``n`` grows, ``"gap"`` never falls below the
     ELBO, and it is 0 at a position masked in only one draw (one draw has no spread to measure).
-    Positions masked in no draw are left out and the covered sum is rescaled by ``L / covered``.
+    Positions masked in no draw are left out and the covered sum is rescaled: by
+    ``L / covered`` over the window, or, with ``block_length`` (block-wise draws), by
+    ``L_b / covered_b`` within each block, the within-block weight the ELBO gives the same
+    draw; blocks no draw covers are filled in proportion to the covered ones.
     ``lower``: the ELBO of the same draws when the caller has it already (``"gap"`` uses it).
     """
     n = draw.num_samples
@@ -123,21 +127,42 @@ def eubo_from_logprobs(
     else:
         raise ValueError(f"unknown EUBO estimator {estimator!r}; allowed: 'direct', 'gap'")
     covered = draw.covered()
-    if valid is not None:
-        covered = covered & valid.bool()
-        n_valid = valid.bool().sum(-1).to(logp.dtype)
-    else:
-        n_valid = torch.full(
-            covered.shape[:1], covered.shape[1], dtype=logp.dtype, device=logp.device
-        )
+    span = torch.ones_like(covered) if valid is None else valid.bool()
+    covered = covered & span
+    total = _rescaled_sum(
+        torch.where(covered, per_pos, torch.zeros_like(per_pos)), covered, span, block_length
+    )
+    n_valid = span.sum(-1).to(logp.dtype)
     n_cov = covered.sum(-1).to(logp.dtype)
-    total = torch.where(covered, per_pos, torch.zeros_like(per_pos)).sum(-1)
-    scale = torch.where(n_cov > 0, n_valid / n_cov.clamp(min=1.0), torch.zeros_like(n_cov))
     coverage = torch.where(n_valid > 0, n_cov / n_valid.clamp(min=1.0), torch.ones_like(n_cov))
     if estimator == "gap":
         lower = elbo_from_logprobs(logp, draw) if lower is None else lower
-        return lower + (total * scale).clamp(min=0.0), coverage
-    return total * scale, coverage
+        return lower + total.clamp(min=0.0), coverage
+    return total, coverage
+
+
+def _rescaled_sum(
+    values: Tensor, covered: Tensor, span: Tensor, block_length: int | None
+) -> Tensor:
+    """[B] ``sum_s (span_s / covered_s) sum_{i covered in s} values_i`` over strata ``s`` (the
+    blocks, or the whole window), times ``span / span of the covered strata``."""
+    b, length = values.shape
+    if block_length is None or length == 0:
+        strata = torch.zeros(length, dtype=torch.long, device=values.device)
+    else:
+        strata = block_index(length, block_length, values.device)
+    n_strata = int(strata.max()) + 1 if length else 1
+
+    def per_stratum(x: Tensor) -> Tensor:
+        out = torch.zeros(b, n_strata, dtype=values.dtype, device=values.device)
+        return out.index_add(1, strata, x.to(values.dtype))
+
+    tot, cov, val = per_stratum(values), per_stratum(covered), per_stratum(span)
+    hit = cov > 0
+    est = torch.where(hit, tot * val / cov.clamp(min=1.0), torch.zeros_like(tot)).sum(-1)
+    val_hit = torch.where(hit, val, torch.zeros_like(val)).sum(-1)
+    scale = torch.where(val_hit > 0, val.sum(-1) / val_hit.clamp(min=1.0), torch.zeros_like(est))
+    return est * scale
 
 
 def _draw(

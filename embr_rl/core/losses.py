@@ -332,7 +332,13 @@ def _score(
     if gamma is None:
         return lower, None, None
     upper, coverage = eubo_from_logprobs(
-        logp, draw, gamma, batch.span(), estimator=cfg.eubo_estimator, lower=lower
+        logp,
+        draw,
+        gamma,
+        batch.span(),
+        estimator=cfg.eubo_estimator,
+        lower=lower,
+        block_length=cfg.block_length if _blocked(cfg) else None,
     )
     return lower, upper, coverage
 

@@ -96,3 +96,29 @@ def test_gap_eubo_never_below_the_elbo_and_zero_width_with_one_draw_per_position
     assert torch.isfinite(logp.grad).all()
     with pytest.raises(ValueError, match="'direct', 'gap'"):
         eubo_from_logprobs(logp, draw, 1.5, valid, estimator="mean")
+
+
+def test_block_rescaling_matches_the_elbo_weights_so_one_draw_per_block_has_mask_only_slack() -> None:
+    """With one draw per block, the direct EUBO minus the ELBO is ``sum_b L_b log(L_b/l_b)/gamma``
+    (it does not depend on the model); a window-wide rescaling mixes the blocks' weights."""
+    from embr_rl.core.masking import sample_block_masks
+
+    g = torch.Generator().manual_seed(3)
+    span = torch.ones(64, 12, dtype=torch.bool)
+    span[:5, 9:] = False  # a shorter span: the last block holds 1 position
+    draw = sample_block_masks(span, 3, 4, scheme="count", generator=g)
+    gamma = 1.5
+    widths = []
+    for seed in (0, 1):
+        logp = torch.log(torch.rand(64, 3, 12, generator=torch.Generator().manual_seed(seed)))
+        upper, coverage = eubo_from_logprobs(logp, draw, gamma, span, block_length=4)
+        assert (coverage < 1).any()
+        widths.append(upper - elbo_from_logprobs(logp, draw))
+    torch.testing.assert_close(widths[0], widths[1])
+    size = torch.stack([span[:, b * 4 : (b + 1) * 4].sum(-1) for b in range(3)], 1).double()
+    masked = torch.stack([draw.masks[:, b, b * 4 : (b + 1) * 4].sum(-1) for b in range(3)], 1)
+    expected = (size * torch.log(size / masked.double())).sum(-1) / gamma
+    torch.testing.assert_close(widths[0].double(), expected, atol=1e-4, rtol=1e-5)
+    assert (widths[0] >= 0).all()
+    window, _ = eubo_from_logprobs(logp, draw, gamma, span)
+    assert not torch.allclose(window - elbo_from_logprobs(logp, draw), widths[1])
