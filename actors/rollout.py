@@ -12,6 +12,7 @@ ratios need when a row is trained on after the policy has moved.
 
 from __future__ import annotations
 
+import copy
 import os
 import threading
 import time
@@ -26,11 +27,37 @@ from actors.engines import DecodeOptions, RolloutEngine, build_engine
 from actors.verifiers import Score, Verifier
 from actors.verifiers.pool import ProblemScorer, collect
 from embr_rl.core.experience import empty_table, rows_from_dicts
-from embr_rl.core.losses import d1_token_logprobs
+from embr_rl.core.losses import (
+    LossBatch,
+    LossModels,
+    d1_token_logprobs,
+    reference_energies,
+    traits_of,
+)
+from embr_rl.core.masking import span_mask
 from embr_rl.core.models.tokenizer import decode_completions
 from embr_rl.core.tasks import Problem
 from embr_rl.core.tasks.prompts import encode_problems
 from embr_rl.core.transport import TransportSpec, WeightClient
+
+
+def _left_padded(
+    prompts: Sequence[Sequence[int]], completions: torch.Tensor, pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """``(prompt [B, P], prompt attention [B, P] or None, full attention [B, P + L] or None)``
+    for prompts left-padded as the learner pads them (None: no padding)."""
+    width = max(len(p) for p in prompts)
+    device = completions.device
+    prompt = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
+    attn = torch.zeros((len(prompts), width), dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        if p:
+            prompt[i, width - len(p) :] = torch.tensor(list(p), dtype=torch.long)
+            attn[i, width - len(p) :] = 1
+    if bool(attn.all()):
+        return prompt, None, None
+    full = torch.cat([attn, torch.ones_like(completions, dtype=attn.dtype)], dim=-1)
+    return prompt, attn, full
 
 
 class BehaviourScorer:
@@ -48,17 +75,7 @@ class BehaviourScorer:
         self, model: torch.nn.Module, prompts: Sequence[Sequence[int]], completions: torch.Tensor
     ) -> list[list[float]]:
         """One list of ``completions.shape[1]`` log-probs per row (prompts left-padded)."""
-        width = max(len(p) for p in prompts)
-        device = completions.device
-        prompt = torch.full((len(prompts), width), self.pad_id, dtype=torch.long, device=device)
-        attn = torch.zeros((len(prompts), width), dtype=torch.long, device=device)
-        for i, p in enumerate(prompts):
-            if p:
-                prompt[i, width - len(p) :] = torch.tensor(list(p), dtype=torch.long)
-                attn[i, width - len(p) :] = 1
-        full = None
-        if not bool(attn.all()):
-            full = torch.cat([attn, torch.ones_like(completions, dtype=attn.dtype)], dim=-1)
+        prompt, _, full = _left_padded(prompts, completions, self.pad_id)
         was_training = model.training
         model.eval()
         try:
@@ -76,6 +93,71 @@ class BehaviourScorer:
         return logp.float().cpu().tolist()
 
 
+class ReferenceScorer:
+    """The frozen reference's ELBO (and, for EMBR-U, EUBO) of each completion, scored once
+    when it is made, on the mask draws of the row's ``mask_seed`` (issue 19: a learner step
+    then runs the policy only; the learner draws the same masks from the seed, so common
+    random numbers stay exact). ``reference`` is a copy of the initial weights, never updated.
+    """
+
+    def __init__(
+        self,
+        algo: Any,
+        reference: torch.nn.Module,
+        *,
+        mask_id: int,
+        pad_id: int,
+        eos_id: int | None,
+        stop_ids: Sequence[int],
+    ) -> None:
+        self.algo = algo
+        self.reference = reference.eval().requires_grad_(False)
+        self.mask_id = mask_id
+        self.pad_id = pad_id
+        self.eos_id = eos_id
+        self.stop_ids = tuple(stop_ids)
+        self.upper = traits_of(algo.name).upper_bound
+
+    def seeds(self, base: int, num_groups: int, group_size: int) -> list[int]:
+        """One seed per row: shared by a group's rows with ``algo.pair_common_masks`` (pairs
+        then share their draws), else one per row; ``base`` is the batch's sampling seed."""
+        base = base % (1 << 40)
+        share = self.algo.pair_common_masks
+        return [
+            ((base << 12) + g) << 8 | (0 if share else j)
+            for g in range(num_groups)
+            for j in range(group_size)
+        ]
+
+    @torch.no_grad()
+    def __call__(
+        self, prompts: Sequence[Sequence[int]], completions: torch.Tensor, seeds: Sequence[int]
+    ) -> list[list[float]]:
+        """``[ELBO]``, or ``[ELBO, EUBO]`` when the loss uses the EUBO, per row."""
+        prompt, attn, _ = _left_padded(prompts, completions, self.pad_id)
+        valid = torch.ones_like(completions, dtype=torch.bool)
+        span = span_mask(
+            completions,
+            span=self.algo.likelihood_span,
+            eos_id=self.eos_id,
+            stop_ids=self.stop_ids,
+            valid=valid,
+        )
+        batch = LossBatch(
+            prompt_ids=prompt,
+            completion_ids=completions,
+            rewards=torch.zeros(completions.shape[0]),
+            group_ids=torch.zeros(completions.shape[0], dtype=torch.long),
+            models=LossModels(policy=self.reference, mask_id=self.mask_id),
+            prompt_attention_mask=attn,
+            completion_mask=None if bool(span.all()) else span,
+            mask_seeds=torch.tensor(list(seeds), dtype=torch.long),
+        )
+        lower, upper = reference_energies(batch, self.algo, upper=self.upper)
+        terms = lower[:, None] if upper is None else torch.stack([lower, upper], dim=1)
+        return terms.double().cpu().tolist()
+
+
 class RolloutWorker:
     """Generates, scores and packs samples for the buffer; takes weight updates between batches.
 
@@ -84,7 +166,8 @@ class RolloutWorker:
     ``verifier_cfg`` on first use; a :class:`~actors.verifiers.pool.ProblemScorer` scores
     the completions, as in evaluation. ``seed`` makes the sampling of every batch
     reproducible.
-    ``behaviour`` (None: not recorded) fills the rows' ``behaviour_logp`` column.
+    ``behaviour`` (None: not recorded) fills the rows' ``behaviour_logp`` column;
+    ``reference`` (None: not scored) their ``mask_seed`` and ``ref_energies``.
     A completion's text is cut at its first stop id: ``eos_id`` (default: the tokenizer's)
     or one of ``stop_ids`` (end-of-turn ids such as ``<|eot_id|>``).
     """
@@ -108,6 +191,7 @@ class RolloutWorker:
         seed: int = 0,
         policy_version: int = 0,
         behaviour: BehaviourScorer | None = None,
+        reference: ReferenceScorer | None = None,
     ) -> None:
         if group_size < 1:
             raise ValueError(f"group_size must be >= 1, got {group_size}")
@@ -134,6 +218,7 @@ class RolloutWorker:
         # applied between batches through the engine's own update_weights.
         self._sync = WeightClient(engine, version=policy_version)
         self.behaviour = behaviour
+        self.reference = reference
         if behaviour is not None and getattr(engine, "model", None) is None:
             raise TypeError(
                 f"engine {type(engine).__name__} exposes no torch model to score behaviour "
@@ -170,6 +255,16 @@ class RolloutWorker:
                 cfg.algo, mask_id=loaded.mask_token_id, pad_id=loaded.pad_token_id
             )
             if r.record_logprobs
+            else None,
+            reference=ReferenceScorer(
+                cfg.algo,
+                copy.deepcopy(loaded.model),
+                mask_id=loaded.mask_token_id,
+                pad_id=loaded.pad_token_id,
+                eos_id=loaded.eos_token_id,
+                stop_ids=loaded.stop_token_ids,
+            )
+            if r.score_reference
             else None,
         )
         return (engine, loaded.tokenizer, DecodeOptions.from_config(r)), kwargs
@@ -268,8 +363,17 @@ class RolloutWorker:
                 t1 = time.perf_counter()
                 behaviour = self.behaviour(self.engine.model, repeated, out.completion_ids)  # type: ignore[attr-defined]
                 t_behaviour = time.perf_counter() - t1
+            cached: tuple[list[int], list[list[float]]] | None = None
+            t_reference = 0.0
+            if self.reference is not None:
+                t1 = time.perf_counter()
+                seeds = self.reference.seeds(
+                    self.seed * 1_000_003 + batch, len(problems), self.group_size
+                )
+                cached = (seeds, self.reference(repeated, out.completion_ids, seeds))
+                t_reference = time.perf_counter() - t1
             scores: list[Score] = collect(futures, self._score_timeout_s)
-            t_score = time.perf_counter() - t0 - t_decode - t_behaviour
+            t_score = time.perf_counter() - t0 - t_decode - t_behaviour - t_reference
         nonce = uuid.uuid4().hex[:12]
         rows = []
         for i, (ids, score) in enumerate(zip(out.completion_ids.tolist(), scores, strict=True)):
@@ -292,9 +396,14 @@ class RolloutWorker:
             )
             if behaviour is not None:
                 rows[-1]["behaviour_logp"] = behaviour[i]
+            if cached is not None:
+                rows[-1]["mask_seed"] = cached[0][i]
+                rows[-1]["ref_energies"] = cached[1][i]
         self._record(out.stats, scores, t_decode, t_score, version, [p.task for p in problems])
         if behaviour is not None:
             self._metrics["rollout/behaviour_logp_s"] = t_behaviour
+        if cached is not None:
+            self._metrics["rollout/reference_s"] = t_reference
         return rows_from_dicts(rows)
 
     def _record(

@@ -269,8 +269,9 @@ def _tokenise(  # noqa: C901  (one skip reason per kind of bad record)
 
     records, columns = _records(src)
     created = src.stat().st_mtime
-    # added_at is stamped by the buffer; behaviour_logp is left empty (no policy drew the rows).
-    skip = ("added_at", "behaviour_logp")
+    # added_at is stamped by the buffer; behaviour_logp and the reference's cached energies
+    # are left empty (no policy drew the rows; the learner scores them).
+    skip = ("added_at", "behaviour_logp", "mask_seed", "ref_energies")
     out: dict[str, list[Any]] = {name: [] for name in SAMPLE_SCHEMA.names if name not in skip}
     seen_ids: dict[str, str] = {}
     errors: list[str] = []

@@ -67,6 +67,14 @@ class RunState:
     wall_seconds: float = 0.0
 
 
+ROLLOUT_TIMES = (
+    "rollout/decode_s",
+    "rollout/score_s",
+    "rollout/behaviour_logp_s",
+    "rollout/reference_s",
+)
+
+
 class StopFlag:
     """Set by SIGTERM/SIGINT; the loop checks it between steps, checkpoints and exits."""
 
@@ -266,6 +274,10 @@ class _Rollouts(DataSource):
         self.pending["rollout/verifier_errors"] = self.pending.get(
             "rollout/verifier_errors", 0.0
         ) + metrics.get("rollout/verifier_errors", 0.0)
+        # Worker seconds spent since the last step, summed over the batches that finished.
+        for k in ROLLOUT_TIMES:
+            if k in metrics:
+                self.pending[k] = self.pending.get(k, 0.0) + metrics[k]
         return result
 
     def receiver_failed(self, worker: Any, exc: BaseException) -> None:
@@ -597,8 +609,10 @@ class StepClock:
     ``time/learner_compute_s``, forward, backward and optimiser), ``time/broadcast_s``
     (weights to the receivers), ``time/step_s`` (all of it), and ``time/learner_busy``
     (learner seconds over wall seconds since the first step).
-    Rollout decoding and scoring run beside the learner and report ``rollout/decode_s`` and
-    ``rollout/score_s``; evaluation reports ``eval/seconds``."""
+    Rollout decoding and scoring run beside the learner: ``rollout/decode_s``,
+    ``rollout/score_s`` (and ``rollout/behaviour_logp_s``, ``rollout/reference_s`` when on)
+    are the worker seconds of the batches that finished since the last step, summed over
+    workers; evaluation reports ``eval/seconds``."""
 
     def __init__(self) -> None:
         self.t0: float | None = None

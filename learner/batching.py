@@ -16,7 +16,7 @@ import pyarrow as pa
 import torch
 from torch import Tensor
 
-from embr_rl.core.experience import PairBatch, token_matrix
+from embr_rl.core.experience import NO_MASK_SEED, PairBatch, token_matrix
 from embr_rl.core.losses import LossBatch, LossModels
 from embr_rl.core.masking import span_mask
 
@@ -65,6 +65,7 @@ def rows_to_batch(
     )
     completion = torch.from_numpy(comp)
     old_logp, prompt_masks = _behaviour_logp(table, lengths, comp.shape[1], prompt.shape)
+    seeds, ref_lower, ref_upper = _reference_cache(table, lengths, comp.shape[1])
     mask = span_mask(
         completion,
         span=span,
@@ -85,7 +86,30 @@ def rows_to_batch(
         pairs=None if pairs is None else pairs.to(device),
         old_token_logp=None if old_logp is None else old_logp.to(device),
         prompt_masks=None if prompt_masks is None else prompt_masks.to(device),
+        mask_seeds=None if seeds is None else seeds.to(device),
+        ref_lower=None if ref_lower is None else ref_lower.to(device),
+        ref_upper=None if ref_upper is None else ref_upper.to(device),
     )
+
+
+def _reference_cache(
+    table: pa.Table, lengths: np.ndarray, width: int
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """``(mask_seeds, ref_lower, ref_upper)`` [B] when every row has a mask seed and is as
+    wide as the batch (its draws are then the ones it was scored on), else all None; the
+    reference's ELBO (EUBO) from ``ref_energies`` only when every row has one."""
+    if "mask_seed" not in table.column_names or not len(lengths) or not (lengths == width).all():
+        return None, None, None
+    seeds = table.column("mask_seed").to_numpy()
+    if (seeds == NO_MASK_SEED).any():
+        return None, None, None
+
+    values, counts = token_matrix(table, "ref_energies", length=2, dtype=np.float64)
+    seeds_t = torch.from_numpy(seeds.astype(np.int64))
+    if not (counts >= 1).all():
+        return seeds_t, None, None
+    upper = torch.from_numpy(values[:, 1].copy()) if (counts == 2).all() else None
+    return seeds_t, torch.from_numpy(values[:, 0].copy()), upper
 
 
 def _behaviour_logp(
@@ -174,6 +198,9 @@ def _select(batch: LossBatch, rows: Tensor, pairs: Tensor | None) -> LossBatch:
         pairs=pairs,
         old_token_logp=pick(batch.old_token_logp),
         prompt_masks=pick(batch.prompt_masks),
+        mask_seeds=pick(batch.mask_seeds),
+        ref_lower=pick(batch.ref_lower),
+        ref_upper=pick(batch.ref_upper),
     )
 
 

@@ -157,6 +157,10 @@ class RolloutConfig:
     # one extra forward per block per batch): d1's importance ratios on stale rows
     # (algo.inner_iterations > 1, online staleness) are then to the policy that drew them.
     record_logprobs: bool = False
+    # Score the frozen reference's ELBO (EUBO for embr_u) of every row once, here, on the
+    # row's own seeded mask draws, and store it with the row: the learner then runs the policy
+    # only (a copy of the initial weights stays in each worker). EMBR losses only.
+    score_reference: bool = False
 
 
 @dataclass
@@ -512,6 +516,7 @@ def _check_relations(cfg: Config) -> None:  # noqa: C901, PLR0912  (one independ
 
     traits = traits_of(cfg.algo.name)
     check_batch_shape(cfg.learner, cfg.learner.num_ranks, traits.pairwise, cfg.algo.name)
+    _check_score_reference(cfg, traits.energies)
     if len(cfg.learner.adam_betas) != 2 or not all(0 <= b < 1 for b in cfg.learner.adam_betas):
         raise ConfigError(
             f"bad value for 'learner.adam_betas': {list(cfg.learner.adam_betas)!r}; allowed: two numbers in [0, 1)"
@@ -575,6 +580,25 @@ def _check_relations(cfg: Config) -> None:  # noqa: C901, PLR0912  (one independ
         raise ConfigError(
             "bad value for 'checkpoint.resume': ''; allowed: 'auto', 'never' or a path"
         )
+
+
+def _check_score_reference(cfg: Config, energies: bool) -> None:
+    """``rollout.score_reference`` needs a loss that scores reference energies on its own
+    mask draws, those draws shared with the policy, and the worker's torch model."""
+    if not cfg.rollout.score_reference:
+        return
+    from embr_rl.core.losses import LOSS_TRAITS  # losses import this module
+
+    allowed = ", ".join(repr(n) for n, t in LOSS_TRAITS.items() if t.energies)
+    problem = None
+    if not energies:
+        problem = f"algo.name={cfg.algo.name!r}; allowed with: {allowed}"
+    elif not cfg.algo.common_random_numbers:
+        problem = "algo.common_random_numbers=false; allowed with: true (the cached energies are the reference's on the policy's own masks)"
+    elif cfg.rollout.engine != "torch":
+        problem = f"rollout.engine={cfg.rollout.engine!r}; allowed with: 'torch' (the worker scores the reference in torch)"
+    if problem is not None:
+        raise ConfigError(f"bad value for 'rollout.score_reference': true with {problem}")
 
 
 def parse_overrides(overrides: Sequence[str]) -> DictConfig:

@@ -6,6 +6,9 @@ components a ``map<string, float64>``, times are Unix seconds (``float64``).
 never stale. ``behaviour_logp`` holds the sampling policy's per-token log-probabilities of
 the completion (d1's one-step estimate, ``embr_rl.core.losses.d1_token_logprobs``) when the
 worker records them (``rollout.record_logprobs``), one per completion token; empty otherwise.
+``mask_seed`` seeds the row's likelihood mask draws wherever it is scored (-1: none), and
+``ref_energies`` holds the frozen reference's ELBO (and EUBO) on those draws, scored once by
+the worker (``rollout.score_reference``; empty: not scored, the learner runs the reference).
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ SAMPLE_SCHEMA = pa.schema(
         pa.field("created_at", pa.float64(), nullable=False),
         pa.field("added_at", pa.float64(), nullable=False),
         pa.field("behaviour_logp", pa.list_(pa.float32()), nullable=False),
+        pa.field("mask_seed", pa.int64(), nullable=False),
+        pa.field("ref_energies", pa.list_(pa.float64()), nullable=False),
     ]
 )
 COLUMNS: tuple[str, ...] = tuple(SAMPLE_SCHEMA.names)
@@ -48,7 +53,10 @@ DEFAULTED: tuple[str, ...] = (
     "created_at",
     "added_at",
     "behaviour_logp",
+    "mask_seed",
+    "ref_energies",
 )
+NO_MASK_SEED = -1
 _TOKEN_COLUMNS = ("prompt_ids", "completion_ids")
 
 
@@ -70,9 +78,13 @@ def _default_column(name: str, num_rows: int, table: pa.Table, now: float) -> pa
         return pa.array(["unknown"] * num_rows, pa.string())
     if name == "group_id":
         return table.column("prompt_id")
-    if name == "behaviour_logp":
+    if name in ("behaviour_logp", "ref_energies"):
         offsets = pa.array(np.zeros(num_rows + 1, dtype=np.int32))
-        return pa.ListArray.from_arrays(offsets, pa.array([], pa.float32()))
+        return pa.ListArray.from_arrays(
+            offsets, pa.array([], SAMPLE_SCHEMA.field(name).type.value_type)
+        )
+    if name == "mask_seed":
+        return pa.array(np.full(num_rows, NO_MASK_SEED, dtype=np.int64))
     return pa.array(np.full(num_rows, now, dtype=np.float64))
 
 

@@ -45,6 +45,7 @@ __all__ = [
     "d1_objective",
     "d1_token_logprobs",
     "dpo_objective",
+    "draw_masks",
     "embr_c_objective",
     "embr_e_objective",
     "embr_u_bracket",
@@ -53,6 +54,7 @@ __all__ = [
     "group_mean",
     "normalize_rewards",
     "pair_within_groups",
+    "reference_energies",
     "register_loss",
     "share_within_pairs",
     "traits_of",
@@ -91,6 +93,10 @@ class LossBatch:
     :func:`pair_within_groups`), and for d1 ``old_token_logp`` [B, L] (None: the current
     policy, detached, i.e. the first inner iteration) with the ``prompt_masks`` [B, P] they
     were computed with (None: drawn here; must be given together with ``old_token_logp``).
+    ``mask_seeds`` [B] (int64): each row's mask draws come from its own seed
+    (:func:`draw_masks`), the same wherever the row is scored; with them, ``ref_lower`` and
+    ``ref_upper`` [B] are the frozen reference's ELBO and EUBO on those draws, scored once
+    when the row was made (``rollout.score_reference``), so the reference is not run again.
     """
 
     prompt_ids: Tensor
@@ -103,6 +109,9 @@ class LossBatch:
     pairs: Tensor | None = None
     old_token_logp: Tensor | None = None
     prompt_masks: Tensor | None = None
+    mask_seeds: Tensor | None = None
+    ref_lower: Tensor | None = None
+    ref_upper: Tensor | None = None
 
     def span(self) -> Tensor:
         if self.completion_mask is None:
@@ -136,12 +145,17 @@ class LossTraits:
     ``energy_head``: needs the EMBR-E value head. ``one_step``: scores a completion with
     one fully masked forward (d1's estimator), so one mask draw, and needs fresh rollouts
     (no offline mode). ``family``: ``embr``, ``policy_gradient`` or ``preference``.
+    ``energies``: scores policy and reference with :func:`compute_energies` on the algo's own
+    mask draws (so ``rollout.score_reference`` can score the reference once per row);
+    ``upper_bound``: with the EUBO too.
     """
 
     family: str
     pairwise: bool = False
     energy_head: bool = False
     one_step: bool = False
+    energies: bool = False
+    upper_bound: bool = False
 
 
 LOSS_TRAITS: dict[str, LossTraits] = {}
@@ -308,6 +322,7 @@ class Energies:
     ut: Tensor | None
     ur: Tensor | None
     coverage: Tensor | None
+    reference_cached: bool = False
 
 
 def _blocked(cfg: AlgoConfig) -> bool:
@@ -343,6 +358,64 @@ def _score(
     return lower, upper, coverage
 
 
+def draw_masks(
+    span: Tensor,
+    cfg: AlgoConfig,
+    *,
+    generator: torch.Generator | None = None,
+    seeds: Tensor | None = None,
+    stratified: bool | None = None,
+    antithetic: bool | None = None,
+) -> MaskDraw:
+    """``algo.num_mc_samples`` mask draws per row of ``span`` [B, L] (DESIGN §4.1), block-wise
+    or over the window as ``algo.masking`` says.
+
+    With ``seeds`` [B] each row is drawn alone from ``torch.Generator().manual_seed(seed)``,
+    so a row of a given width gets the same draws in any batch, in the rollout worker and in
+    the learner.
+    """
+    knobs = {
+        "scheme": cfg.timesteps,
+        "stratified": cfg.stratified if stratified is None else stratified,
+        "antithetic": cfg.antithetic if antithetic is None else antithetic,
+    }
+
+    def one(rows: Tensor, gen: torch.Generator | None) -> MaskDraw:
+        if _blocked(cfg):
+            assert cfg.block_length is not None
+            return sample_block_masks(
+                rows, cfg.num_mc_samples, cfg.block_length, generator=gen, **knobs
+            )
+        return sample_masks(rows, cfg.num_mc_samples, generator=gen, **knobs)
+
+    if seeds is None:
+        return one(span, generator)
+    rows = [
+        one(span[i : i + 1], torch.Generator().manual_seed(int(seeds[i])))
+        for i in range(span.shape[0])
+    ]
+    hidden = None
+    if all(d.hidden is not None for d in rows):
+        hidden = torch.cat([d.hidden for d in rows])  # type: ignore[misc]
+    return MaskDraw(
+        torch.cat([d.masks for d in rows]), torch.cat([d.weights for d in rows]), hidden
+    )
+
+
+@torch.no_grad()
+def reference_energies(
+    batch: LossBatch, cfg: AlgoConfig, *, upper: bool
+) -> tuple[Tensor, Tensor | None]:
+    """The ELBO (and with ``upper`` the EUBO) [B] of ``batch.models.policy``, here the frozen
+    reference, on the draws of ``batch.mask_seeds``: what :func:`compute_energies` scores the
+    reference on for the same rows, before any length normalisation."""
+    if batch.mask_seeds is None:
+        raise ValueError("reference_energies needs batch.mask_seeds")
+    draw = draw_masks(batch.span(), cfg, seeds=batch.mask_seeds)
+    lower, up, _ = _score(batch.models.policy, batch, draw, cfg, cfg.eubo_gamma if upper else None)
+    return lower, up
+
+
 def compute_energies(
     batch: LossBatch,
     cfg: AlgoConfig,
@@ -361,30 +434,17 @@ def compute_energies(
     so positions the two completions share cancel exactly in ``L(y) - L(y')``.
     """
     models = batch.models
-    if models.reference is None:
+    cached = batch.ref_lower is not None and (not upper or batch.ref_upper is not None)
+    if models.reference is None and not cached:
         raise ValueError(f"loss {cfg.name!r} needs batch.models.reference")
     span = batch.span()
+    knobs = {
+        "stratified": cfg.stratified if stratified is None else stratified,
+        "antithetic": cfg.antithetic if antithetic is None else antithetic,
+    }
 
     def draw() -> MaskDraw:
-        if _blocked(cfg):
-            assert cfg.block_length is not None
-            return sample_block_masks(
-                span,
-                cfg.num_mc_samples,
-                cfg.block_length,
-                scheme=cfg.timesteps,
-                stratified=cfg.stratified if stratified is None else stratified,
-                antithetic=cfg.antithetic if antithetic is None else antithetic,
-                generator=models.generator,
-            )
-        return sample_masks(
-            span,
-            cfg.num_mc_samples,
-            scheme=cfg.timesteps,
-            stratified=cfg.stratified if stratified is None else stratified,
-            antithetic=cfg.antithetic if antithetic is None else antithetic,
-            generator=models.generator,
-        )
+        return draw_masks(span, cfg, generator=models.generator, seeds=batch.mask_seeds, **knobs)
 
     gamma = cfg.eubo_gamma if upper else None
     shared = draw()
@@ -392,14 +452,28 @@ def compute_energies(
         shared = share_within_pairs(shared, pairs, span)
     lt, ut, coverage = _score(models.policy, batch, shared, cfg, gamma)
     crn = cfg.common_random_numbers if common_random_numbers is None else common_random_numbers
-    with torch.no_grad():
-        lr, ur, _ = _score(models.reference, batch, shared if crn else draw(), cfg, gamma)
+    cached = (
+        cached and crn and knobs == {"stratified": cfg.stratified, "antithetic": cfg.antithetic}
+    )
+    if cached:
+        assert batch.ref_lower is not None
+        lr = batch.ref_lower.to(lt.dtype)
+        ur = None if not upper or batch.ref_upper is None else batch.ref_upper.to(lt.dtype)
+    else:
+        if models.reference is None:
+            raise ValueError(
+                f"loss {cfg.name!r} needs batch.models.reference: the rows' cached reference "
+                "energies were scored on other masks than these"
+            )
+        with torch.no_grad():
+            fresh = shared if crn else draw_masks(span, cfg, generator=models.generator, **knobs)
+            lr, ur, _ = _score(models.reference, batch, fresh, cfg, gamma)
     if cfg.length_normalize:
         n = span.sum(-1).clamp(min=1).to(lt.dtype)
         lt, lr = lt / n, lr / n
         ut = None if ut is None else ut / n
         ur = None if ur is None else ur / n
-    return Energies(lt, lr, ut, ur, coverage)
+    return Energies(lt, lr, ut, ur, coverage, cached)
 
 
 def share_within_pairs(draw: MaskDraw, pairs: Tensor, span: Tensor) -> MaskDraw:
@@ -433,6 +507,7 @@ def _f_metrics(f: Tensor, e: Energies) -> dict[str, float]:
         "learner/f_mean": float(fd.mean()),
         "learner/f_std": float(fd.std()) if fd.numel() > 1 else 0.0,
         "learner/f_abs_max": float(fd.abs().max()),
+        "learner/reference_cached": float(e.reference_cached),
     }
 
 
@@ -447,7 +522,7 @@ def _pair_metrics(rewards: Tensor, pairs: Tensor) -> dict[str, float]:
 # --------------------------------------------------------------------------- EMBR losses
 
 
-@register_loss("embr_e", LossTraits("embr", energy_head=True))
+@register_loss("embr_e", LossTraits("embr", energy_head=True, energies=True))
 def embr_e_loss(batch: LossBatch, cfg: AlgoConfig) -> LossOutput:
     """EMBR-E: ``mean (L_theta - L_ref - r/beta + c_phi(x))^2`` (DESIGN §4.2, paper eq. 9).
 
@@ -480,7 +555,7 @@ def embr_e_loss(batch: LossBatch, cfg: AlgoConfig) -> LossOutput:
     return LossOutput(loss, metrics)
 
 
-@register_loss("embr_c", LossTraits("embr", pairwise=True))
+@register_loss("embr_c", LossTraits("embr", pairwise=True, energies=True))
 def embr_c_loss(batch: LossBatch, cfg: AlgoConfig) -> LossOutput:
     """EMBR-C: ``mean (f(y) - f(y'))^2`` over same-prompt pairs (DESIGN §4.2, paper eq. 13)."""
     pairs = _pairs(batch)
@@ -491,7 +566,7 @@ def embr_c_loss(batch: LossBatch, cfg: AlgoConfig) -> LossOutput:
     return LossOutput(embr_c_objective(f, pairs), metrics)
 
 
-@register_loss("embr_u", LossTraits("embr", pairwise=True))
+@register_loss("embr_u", LossTraits("embr", pairwise=True, energies=True, upper_bound=True))
 def embr_u_loss(batch: LossBatch, cfg: AlgoConfig) -> LossOutput:
     """EMBR-U: ``mean max(S_min^2, S_max^2)`` with ELBO/EUBO brackets (DESIGN §4.2, paper eq. 21)."""
     pairs = _pairs(batch)

@@ -132,6 +132,24 @@ def test_online_mode_respects_max_staleness_even_when_starved(
     ]
 
 
+def test_reference_scored_by_the_workers_leaves_the_learner_the_policy_only(
+    ray_session: object, base_model: Path, tmp_path: Path
+) -> None:
+    from embr_rl.run import run
+
+    summary = run(
+        _cfg(
+            tmp_path, base_model, "algo.name=embr_u", "algo.mode=online", "learner.total_steps=3",
+            "rollout.score_reference=true", "algo.num_mc_samples=4",
+        )
+    )  # fmt: skip
+    assert summary["steps"] == 3
+    recs = read_jsonl(tmp_path / "metrics.jsonl")
+    steps = [r for r in recs if "learner/loss" in r]
+    assert [r["learner/reference_cached"] for r in steps] == [1.0, 1.0, 1.0]
+    assert any("rollout/reference_s" in r and r["rollout/decode_s"] > 0 for r in recs)
+
+
 def test_sync_round_survives_mid_round_evaluations_and_frees_its_actors(
     ray_session: object, base_model: Path, tmp_path: Path
 ) -> None:

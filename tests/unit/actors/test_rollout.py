@@ -424,3 +424,82 @@ def test_the_evaluator_takes_broadcasts_by_the_same_path() -> None:
     for name, value in named:
         assert torch.equal(got[name], value), name
     evaluator.sync.close()
+
+
+# --------------------------------------------------------------------------- reference energies
+
+
+@pytest.mark.parametrize(("name", "masking"), [("embr_u", "block"), ("embr_c", "random")])
+def test_reference_energies_scored_at_rollout_are_what_the_learner_would_compute(
+    model, tokenizer, problems, name: str, masking: str
+) -> None:
+    """Rows scored by a :class:`ReferenceScorer` give the learner the reference terms it would
+    compute itself on the same masks (to 1e-5), so the loss, its gradient and the policy's terms
+    are unchanged while the reference never runs in the learner (``models.reference=None``)."""
+    from dataclasses import replace
+
+    from actors.rollout import ReferenceScorer
+    from embr_rl.core.config import AlgoConfig
+    from embr_rl.core.losses import LossModels, compute_energies, get_loss
+    from learner.batching import TokenIds, rows_to_batch
+
+    algo = AlgoConfig(name=name, block_length=4, masking=masking, num_mc_samples=2)
+    reference = copy_with_noise(model)  # reference and policy differ, as after some steps
+    scorer = ReferenceScorer(
+        algo,
+        reference,
+        mask_id=tokenizer.mask_token_id,
+        pad_id=tokenizer.pad_token_id,
+        eos_id=tokenizer.eos_token_id,
+        stop_ids=(),
+    )
+    worker = _worker(model, tokenizer, seed=4, reference=scorer)
+    table = worker.generate(problems)
+    worker.close()
+    assert "rollout/reference_s" in worker.metrics()
+    seeds = table.column("mask_seed").to_pylist()
+    assert len(set(seeds)) == len(problems)  # one per group: pairs share their draws
+    ids = TokenIds(pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id)
+    cached = rows_to_batch(
+        table, LossModels(policy=model, mask_id=tokenizer.mask_token_id), ids=ids
+    )
+    assert cached.ref_lower is not None and cached.mask_seeds is not None
+    assert (cached.ref_upper is not None) == (name == "embr_u")
+    full = replace(
+        cached,
+        models=LossModels(policy=model, reference=reference, mask_id=tokenizer.mask_token_id),
+        ref_lower=None,
+        ref_upper=None,
+    )
+    upper = name == "embr_u"
+    a, b = compute_energies(cached, algo, upper=upper), compute_energies(full, algo, upper=upper)
+    torch.testing.assert_close(a.lr, b.lr, atol=1e-5, rtol=0)
+    torch.testing.assert_close(a.lt, b.lt)
+    if upper:
+        torch.testing.assert_close(a.ur, b.ur, atol=1e-5, rtol=0)
+    # Mixed rewards so the loss has a gradient.
+    rewards = (torch.arange(len(cached.rewards)) % 2).float()
+    grads = []
+    for batch in (cached, full):
+        model.zero_grad()
+        get_loss(name)(replace(batch, rewards=rewards), algo).loss.backward()
+        grads.append(
+            torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        )
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-4, rtol=1e-4)
+
+
+def test_seeded_draws_do_not_depend_on_the_batch() -> None:
+    from embr_rl.core.config import AlgoConfig
+    from embr_rl.core.losses import draw_masks
+
+    algo = AlgoConfig(name="embr_u", block_length=4, num_mc_samples=4)
+    span = torch.ones(5, 16, dtype=torch.bool)
+    seeds = torch.tensor([7, 8, 9, 7, 11])
+    whole = draw_masks(span, algo, seeds=seeds)
+    alone = draw_masks(span[2:3], algo, seeds=seeds[2:3])
+    assert torch.equal(whole.masks[2:3], alone.masks) and torch.equal(
+        whole.masks[0], whole.masks[3]
+    )
+    assert not torch.equal(whole.masks[0], whole.masks[1])
+    torch.testing.assert_close(whole.weights[2:3], alone.weights)

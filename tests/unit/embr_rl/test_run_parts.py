@@ -247,6 +247,12 @@ def test_plot_rewards_writes_png(tmp_path: Path) -> None:
         (["rollout.record_logprobs=true", "rollout.engine=vllm"], "rollout.record_logprobs"),
         (["rollout.record_logprobs=true", "algo.prompt_mask_prob=0.1"], "algo.prompt_mask_prob"),
         (["rollout.max_restarts=-1"], "rollout.max_restarts"),
+        (["rollout.score_reference=true", "algo.name=d1"], "rollout.score_reference"),
+        (
+            ["rollout.score_reference=true", "algo.common_random_numbers=false"],
+            "rollout.score_reference",
+        ),
+        (["rollout.score_reference=true", "rollout.engine=vllm"], "rollout.score_reference"),
         (["buffer.capacity=16", "learner.batch_size=32"], "buffer.capacity"),
     ],
 )

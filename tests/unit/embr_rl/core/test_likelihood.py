@@ -98,7 +98,9 @@ def test_gap_eubo_never_below_the_elbo_and_zero_width_with_one_draw_per_position
         eubo_from_logprobs(logp, draw, 1.5, valid, estimator="mean")
 
 
-def test_block_rescaling_matches_the_elbo_weights_so_one_draw_per_block_has_mask_only_slack() -> None:
+def test_block_rescaling_matches_the_elbo_weights_so_one_draw_per_block_has_mask_only_slack() -> (
+    None
+):
     """With one draw per block, the direct EUBO minus the ELBO is ``sum_b L_b log(L_b/l_b)/gamma``
     (it does not depend on the model); a window-wide rescaling mixes the blocks' weights."""
     from embr_rl.core.masking import sample_block_masks
