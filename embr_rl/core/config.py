@@ -205,7 +205,9 @@ class BufferConfig:
     snapshot_dir: str | None = None
     snapshot_keep: int = field_(2, ge=1)
     storage: str = field_("parquet", choices=["parquet"])
-    max_lag: int = field_(4, ge=1)
+    # Producers pause while more than this many learner steps' worth of rows wait unread
+    # (fractions allowed: 0.5 pauses a worker once half a step is waiting).
+    max_lag: float = field_(4.0, gt=0)
     offline_path: str | None = None
     offline_format: str = field_("auto", choices=["auto", "scored", "pairs"])
     # None: tokenised offline datasets are cached next to the dataset file.

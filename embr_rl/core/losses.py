@@ -391,8 +391,8 @@ def draw_masks(
     if seeds is None:
         return one(span, generator)
     rows = [
-        one(span[i : i + 1], torch.Generator().manual_seed(int(seeds[i])))
-        for i in range(span.shape[0])
+        one(span[i : i + 1], torch.Generator().manual_seed(seed))
+        for i, seed in enumerate(seeds.tolist())
     ]
     hidden = None
     if all(d.hidden is not None for d in rows):
