@@ -59,6 +59,8 @@ LABELS = {
     "embr_u": "EMBR-U",
     "d1": "d1 (diffu-GRPO)",
     "wd1": "wd1",
+    "unigrpo": "UniGRPO",
+    "spg": "SPG (mixture)",
 }
 # The online study: every registered loss that is not a preference (pairs-only) objective.
 EMBR = tuple(n for n, t in LOSS_TRAITS.items() if t.family == "embr")

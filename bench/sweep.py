@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.localrun import REPO, Job, read_records, run_many, write_block
 
-ALGOS = ("embr_e", "embr_c", "embr_u", "d1", "wd1")
+ALGOS = ("embr_e", "embr_c", "embr_u", "d1", "wd1", "unigrpo", "spg")
 STAGE1_LRS = ("1.0e-4", "2.0e-4", "4.0e-4")
 # Stage 2: the knob each algorithm is most sensitive to, two values around its default.
 STAGE2: dict[str, tuple[tuple[str, ...], ...]] = {
@@ -39,6 +39,10 @@ STAGE2: dict[str, tuple[tuple[str, ...], ...]] = {
     "d1": (("algo.kl_coef=0.0",), ("algo.kl_coef=0.2",)),
     # wd1 has no beta: a larger step and length-normalised log-likelihoods.
     "wd1": (("learner.lr=8.0e-4",), ("algo.length_normalize=true",)),
+    # UniGRPO's ratio is 1 on a fresh batch, as d1's: its KL weight.
+    "unigrpo": (("algo.kl_coef=0.0",), ("algo.kl_coef=0.2",)),
+    # SPG: the blend on negative advantages (1 = SPG w/ EUBO) against the default 0.5.
+    "spg": (("algo.spg_mix=0.0",), ("algo.spg_mix=1.0",)),
 }
 TUNED = REPO / "bench" / "tuned.json"
 DOCS = REPO / "docs" / "results.md"

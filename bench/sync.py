@@ -1,12 +1,13 @@
-"""Weight broadcast: seconds per update and effective GB/s, torch.distributed vs object store.
+"""Weight broadcast: seconds per update and effective GB/s of each CPU transport against memcpy.
 
 For 10M and 100M fp32 parameters (tensors of 1M elements, like a model's layers) and 1, 2
 and 4 receivers (Ray actors holding a :class:`embr_rl.core.transport.WeightClient`), the driver
 plays learner rank 0 and pushes one update; the time runs from the start of the push until
-every receiver has staged and applied it. Next to it: a raw ``memcpy`` of the same bytes
-(one copy per receiver) on this machine, the physical limit of any local transfer.
+every receiver has staged and applied it (after two warm-up updates). Next to it: a raw
+``memcpy`` of the same bytes (one copy per receiver) on this machine, the physical limit of
+any local transfer.
 
-    RAY_AUTH_MODE=disabled python -m bench.sync [--sizes 10 100] [--receivers 1 2 4]
+    RAY_AUTH_MODE=disabled python -m bench.sync [--sizes 10 100] [--receivers 1 2 4] [--methods ...]
 
 ``GB/s`` is model bytes over seconds per update; ``x memcpy`` is seconds per update over
 the seconds of ``receivers`` plain copies.
@@ -99,7 +100,8 @@ def run_method(
     ray.get(pending)
     times = []
     try:
-        for version in range(reps + 1):  # the first update warms up
+        # Two warm-up updates: shared_memory maps its second slot on the second one.
+        for version in range(reps + 2):
             start = time.perf_counter()
             if impl.sender.streams:
                 refs = [a.receive_weights.remote(None, version) for a in actors]
@@ -108,7 +110,7 @@ def run_method(
                 _, handle = sender.push(iter_buckets(manifest, params), version)
                 refs = [a.receive_weights.remote(handle, version) for a in actors]
             assert ray.get(refs) == [version] * receivers
-            if version:
+            if version >= 2:
                 times.append(time.perf_counter() - start)
     finally:
         sender.close()
@@ -126,6 +128,12 @@ def main() -> None:
     parser.add_argument("--receivers", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--bucket-mb", type=float, default=256.0)
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=["shared_memory", "object_store", "torch_dist"],
+        help="learner.broadcast values to measure (cuda_ipc needs a GPU)",
+    )
     args = parser.parse_args()
 
     import ray
@@ -148,7 +156,7 @@ def main() -> None:
                 print(
                     f"{size:>6}M {receivers:>4} {'memcpy':>12} {base:>9.4f} {nbytes / base / 1e9:>7.2f} {1.0:>9.1f}"
                 )
-                for method in ("torch_dist", "object_store"):
+                for method in args.methods:
                     sec = run_method(ray, method, num_params, receivers, args.bucket_mb, args.reps)
                     print(
                         f"{size:>6}M {receivers:>4} {method:>12} {sec:>9.4f} {nbytes / sec / 1e9:>7.2f} "

@@ -56,7 +56,8 @@ class LearnerRank:
         self.learner: Any = None
         import torch
 
-        torch.set_num_threads(max(1, round(cfg.learner.num_cpus_per_rank)))
+        threads = cfg.learner.num_threads or max(1, round(cfg.learner.num_cpus_per_rank))
+        torch.set_num_threads(threads)
 
     def address(self) -> tuple[str, int]:
         """This node's IP and a free port (asked of rank 0 for the rendezvous)."""

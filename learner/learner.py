@@ -57,10 +57,8 @@ from embr_rl.core.transport import (
     TransportSpec,
     WeightBroadcast,
     build_manifest,
-    flatten_bucket,
     free_port,
     get_broadcast,
-    unflatten_bucket,
 )
 from learner.batching import TokenIds, split_batch, to_loss_batch
 
@@ -355,19 +353,20 @@ class Learner:
 
     def named_buckets(
         self, names: list[str], bucket_mb: float
-    ) -> Iterator[tuple[list[TensorSpec], Tensor | None]]:
+    ) -> Iterator[tuple[list[TensorSpec], list[Tensor] | None]]:
         """Buckets of full parameters (ZeRO-3: gathered one bucket at a time, on every rank).
 
-        Every rank must consume the iterator (the gather is collective); rank 0 gets the
-        flattened bucket, the others ``None``.
+        Every rank must consume the iterator (the gather is collective); rank 0 gets each
+        bucket's tensors (valid until the next item), the others ``None``. Senders flatten
+        or copy them where their transport needs it, so no extra copy is made here.
         """
         params = dict(self.policy.named_parameters())
         manifest = self.manifest(names, bucket_mb)
-        for bucket in manifest.buckets:
+        for b, bucket in enumerate(manifest.buckets):
             members = [params[manifest.specs[i].name] for i in bucket]
             with self._gathered(members):
-                flat = flatten_bucket([p.data for p in members]) if self.rank == 0 else None
-                yield manifest.bucket_specs(manifest.buckets.index(bucket)), flat
+                tensors = [p.data for p in members] if self.rank == 0 else None
+                yield manifest.bucket_specs(b), tensors
 
     def manifest(self, names: list[str] | None = None, bucket_mb: float | None = None) -> Manifest:
         """Names, full shapes and dtypes of the broadcast tensors (LoRA: adapter only)."""
@@ -383,9 +382,8 @@ class Learner:
         """Every policy parameter, gathered, on CPU (rank 0; other ranks get ``{}``)."""
         names = [n for n, _ in self.policy.named_parameters()]
         out: dict[str, Tensor] = {}
-        for specs, flat in self.named_buckets(names, self.cfg.bucket_mb):
-            if flat is not None:
-                tensors = unflatten_bucket(flat, specs)
+        for specs, tensors in self.named_buckets(names, self.cfg.bucket_mb):
+            if tensors is not None:
                 out.update((s.name, t.cpu().clone()) for s, t in zip(specs, tensors, strict=True))
         return out
 
@@ -403,7 +401,7 @@ class Learner:
     def push_weights(self, version: int) -> tuple[SyncStats | None, Any]:
         """Send the current weights as ``version``; every rank must call it (ZeRO-3 gathers)."""
         buckets = (
-            flat for _, flat in self.named_buckets(self._broadcast_names, self.cfg.bucket_mb)
+            tensors for _, tensors in self.named_buckets(self._broadcast_names, self.cfg.bucket_mb)
         )
         if self.rank != 0:
             for _ in buckets:

@@ -10,7 +10,12 @@ import torch
 from actors.decoding import DecodeStats, generate
 from actors.engines import DecodeOptions, EngineOutput, register_engine
 from embr_rl.core.models.tokenizer import left_pad
-from embr_rl.core.transport import TensorSpec, load_named_tensors, module_weight_specs
+from embr_rl.core.transport import (
+    TensorSpec,
+    adopt_named_tensors,
+    load_named_tensors,
+    module_weight_specs,
+)
 
 
 class TorchEngine:
@@ -100,6 +105,11 @@ class TorchEngine:
         """Copy ``state_dict`` into the model in place by name: every weight, or a subset such
         as a LoRA adapter; an unknown name or shape fails before anything is copied."""
         load_named_tensors(self.model, state_dict)
+
+    def adopt_weights(self, state_dict: Mapping[str, torch.Tensor]) -> bool:
+        """Point the model's weights at ``state_dict`` (read-only shared memory) where dtype
+        and device match, copy the rest; returns whether any were adopted."""
+        return adopt_named_tensors(self.model, state_dict)
 
 
 @register_engine("torch")

@@ -222,6 +222,10 @@ class BufferConfig:
 class LearnerConfig:
     num_ranks: int = field_(1, ge=1)
     num_cpus_per_rank: float = field_(1.0, ge=0)
+    # Torch threads per rank (None: num_cpus_per_rank, at least 1). More threads than the
+    # reservation pay off only while nothing else computes, e.g. algo.mode=sync, where the
+    # workers wait during a learner step.
+    num_threads: int | None = field_(None, ge=1)
     num_gpus_per_rank: float = field_(0.0, ge=0)
     zero_stage: int = field_(0, ge=0, le=3)
     precision: str = field_("auto", choices=["auto", "fp32", "bf16"])
@@ -235,7 +239,11 @@ class LearnerConfig:
     batch_size: int = field_(64, ge=1)
     micro_batch_size: int = field_(8, ge=1)
     total_steps: int = field_(100, ge=1)
-    broadcast: str = field_("torch_dist", choices=["torch_dist", "object_store"])
+    # Weight transport to the workers (embr_rl/core/transport*.py): shared_memory and cuda_ipc
+    # need every receiver on learner rank 0's node; torch_dist and object_store go anywhere.
+    broadcast: str = field_(
+        "torch_dist", choices=["torch_dist", "object_store", "shared_memory", "cuda_ipc"]
+    )
     sync_every: int = field_(1, ge=1)
     bucket_mb: float = field_(256.0, gt=0)
     # Learner ranks' process group and the weight-sync group; "auto": NCCL on GPU, else gloo.
@@ -247,7 +255,10 @@ class LearnerConfig:
 
 @dataclass
 class AlgoConfig:
-    name: str = field_("embr_c", choices=["embr_e", "embr_c", "embr_u", "d1", "wd1", "dpo", "vrpo"])
+    name: str = field_(
+        "embr_c",
+        choices=["embr_e", "embr_c", "embr_u", "d1", "wd1", "unigrpo", "spg", "dpo", "vrpo"],
+    )
     mode: str = field_("online", choices=["online", "sync", "offline"])
     beta: float = field_(0.05, gt=0)
     # With "block" masking each draw scores one decoding block, stratified over the draws:
@@ -255,6 +266,9 @@ class AlgoConfig:
     # scores every block of every completion in every step.
     num_mc_samples: int = field_(4, ge=1)
     eubo_gamma: float = field_(1.5, ge=1)
+    # SPG's blend for negative-advantage responses: mix * EUBO + (1 - mix) * ELBO (1: SPG w/
+    # EUBO; SPG's paper fixes its omega as a hyper-parameter, the default here is ours).
+    spg_mix: float = field_(0.5, ge=0, le=1)
     # EMBR-U's EUBO (docs/objectives.md). "direct": SPG's tractable form, whose one-draw
     # terms carry a slack log(weight)/gamma (its bracket is mostly that slack); "gap": the ELBO
     # plus the self-normalised Jensen gap, never below the ELBO and 0 at a position scored by
@@ -519,12 +533,13 @@ def _check_relations(cfg: Config) -> None:  # noqa: C901, PLR0912  (one independ
     traits = traits_of(cfg.algo.name)
     check_batch_shape(cfg.learner, cfg.learner.num_ranks, traits.pairwise, cfg.algo.name)
     _check_score_reference(cfg, traits.energies)
+    _check_broadcast(cfg)
     if len(cfg.learner.adam_betas) != 2 or not all(0 <= b < 1 for b in cfg.learner.adam_betas):
         raise ConfigError(
             f"bad value for 'learner.adam_betas': {list(cfg.learner.adam_betas)!r}; allowed: two numbers in [0, 1)"
         )
-    if cfg.algo.mode == "offline" and traits.one_step:
-        offline = ", ".join(repr(n) for n, t in LOSS_TRAITS.items() if not t.one_step)
+    if cfg.algo.mode == "offline" and traits.needs_fresh_rollouts:
+        offline = ", ".join(repr(n) for n, t in LOSS_TRAITS.items() if not t.needs_fresh_rollouts)
         raise ConfigError(
             f"bad value for 'algo.name': {cfg.algo.name!r} with algo.mode='offline'; allowed: "
             f"{offline} ({cfg.algo.name} needs fresh rollouts)"
@@ -565,6 +580,17 @@ def _check_relations(cfg: Config) -> None:  # noqa: C901, PLR0912  (one independ
             "rollout.record_logprobs=true (d1's ratio against the sampling policy needs the "
             "behaviour log-probs recorded at rollout time after the first update)"
         )
+    if cfg.algo.name == "unigrpo" and (
+        cfg.algo.inner_iterations > 1 or cfg.rollout.record_logprobs
+    ):
+        key = (
+            "algo.inner_iterations" if cfg.algo.inner_iterations > 1 else "rollout.record_logprobs"
+        )
+        raise ConfigError(
+            f"bad value for '{key}' with algo.name='unigrpo'; allowed: algo.inner_iterations=1 "
+            "and rollout.record_logprobs=false (UniGRPO's ratio would need the sampling "
+            "policy's log-probs on its own random masks, which the workers do not score)"
+        )
     if cfg.rollout.record_logprobs:
         if cfg.rollout.engine != "torch":
             raise ConfigError(
@@ -582,6 +608,22 @@ def _check_relations(cfg: Config) -> None:  # noqa: C901, PLR0912  (one independ
         raise ConfigError(
             "bad value for 'checkpoint.resume': ''; allowed: 'auto', 'never' or a path"
         )
+
+
+def _check_broadcast(cfg: Config) -> None:
+    """``cuda_ipc`` hands out a CUDA buffer: every end of it must hold a GPU."""
+    if cfg.learner.broadcast != "cuda_ipc":
+        return
+    ends = [("learner.num_gpus_per_rank", cfg.learner.num_gpus_per_rank)]
+    ends.append(("rollout.num_gpus_per_worker", cfg.rollout.num_gpus_per_worker))
+    ends.append(("eval.num_gpus", cfg.eval.num_gpus))  # the evaluator receives every version
+    for key, gpus in ends:
+        if gpus <= 0:
+            raise ConfigError(
+                f"bad value for 'learner.broadcast': 'cuda_ipc' with {key}={gpus:g}; allowed: "
+                "'cuda_ipc' only when the learner, the rollout workers and the evaluator hold "
+                "GPUs; on CPU 'shared_memory' (one node), 'object_store' or 'torch_dist'"
+            )
 
 
 def _check_score_reference(cfg: Config, energies: bool) -> None:

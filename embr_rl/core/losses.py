@@ -57,7 +57,11 @@ __all__ = [
     "reference_energies",
     "register_loss",
     "share_within_pairs",
+    "spg_loss",
+    "spg_objective",
     "traits_of",
+    "unigrpo_loss",
+    "unigrpo_token_logprobs",
     "wd1_objective",
 ]
 
@@ -147,7 +151,8 @@ class LossTraits:
     (no offline mode). ``family``: ``embr``, ``policy_gradient`` or ``preference``.
     ``energies``: scores policy and reference with :func:`compute_energies` on the algo's own
     mask draws (so ``rollout.score_reference`` can score the reference once per row);
-    ``upper_bound``: with the EUBO too.
+    ``upper_bound``: with the EUBO too. ``fresh``: a policy-gradient estimator that needs
+    fresh rollouts although it is not one-step (UniGRPO, SPG).
     """
 
     family: str
@@ -156,6 +161,12 @@ class LossTraits:
     one_step: bool = False
     energies: bool = False
     upper_bound: bool = False
+    fresh: bool = False
+
+    @property
+    def needs_fresh_rollouts(self) -> bool:
+        """No offline mode: the estimator assumes the rows come from (nearly) this policy."""
+        return self.one_step or self.fresh
 
 
 LOSS_TRAITS: dict[str, LossTraits] = {}
@@ -734,3 +745,127 @@ def dpo_loss(batch: LossBatch, cfg: AlgoConfig) -> LossOutput:
 def vrpo_loss(batch: LossBatch, cfg: AlgoConfig) -> LossOutput:
     """VRPO: DPO-ELBO with stratified timesteps and masks shared by policy and ref (DESIGN §4.3)."""
     return _dpo(batch, cfg, variance_reduced=True)
+
+
+# --------------------------------------------------------------------------- UniGRPO and SPG
+
+
+def spg_objective(
+    lower: Tensor, upper: Tensor, advantages: Tensor, mix: float
+) -> tuple[Tensor, Tensor]:
+    """SPG's sandwiched objective (DESIGN §4.3; SPG eqs. 5 and 8) and the surrogate it used.
+
+    ``J = mean_j [1[A_j >= 0] A_j L_ELBO(y_j) + 1[A_j < 0] A_j L~(y_j)]`` with, for negative
+    advantages, ``L~ = mix * L_EUBO + (1 - mix) * L_ELBO`` (``mix = 1``: SPG w/ EUBO). When
+    ``L_ELBO <= log pi <= L_EUBO`` each term is at most ``A_j log pi(y_j)``, so ``J`` lower-bounds
+    the advantage-weighted log-likelihood. Returns ``(J, per-row log-likelihood surrogate)``.
+    """
+    negative = mix * upper + (1.0 - mix) * lower
+    surrogate = torch.where(advantages >= 0, lower, negative)
+    return (advantages * surrogate).mean(), surrogate
+
+
+def unigrpo_token_logprobs(
+    batch: LossBatch, cfg: AlgoConfig, model: nn.Module
+) -> tuple[Tensor, MaskDraw]:
+    """[B, n, L] ``log pi(y_i | x, z_k)`` on UniGRPO's structured noising (MMaDA §2.3).
+
+    Each of the ``algo.num_mc_samples`` draws per response masks its completion at a ratio of
+    its own (``algo.timesteps``: ``count`` masks exactly ``l ~ U{1..L}`` positions, ``uniform``
+    each position with probability ``t ~ U(0, 1]``), the prompt kept clean; with
+    ``algo.masking=block`` inside one random block, later blocks hidden (our extension; MMaDA
+    masks the whole completion, ``algo.masking=random``). Draws come from ``batch.mask_seeds``
+    when present, else ``batch.models.generator``.
+    """
+    draw = draw_masks(
+        batch.span(),
+        cfg,
+        generator=batch.models.generator,
+        seeds=batch.mask_seeds,
+        stratified=False,
+        antithetic=False,
+    )
+    logp = completion_logprobs(
+        model,
+        batch.prompt_ids,
+        batch.completion_ids,
+        draw.input_masks(),
+        mask_id=batch.models.mask_id,
+        attention_mask=batch.full_attention(),
+        micro_batch=cfg.micro_batch,
+    )
+    return logp, draw
+
+
+@register_loss("unigrpo", LossTraits("policy_gradient", fresh=True))
+def unigrpo_loss(batch: LossBatch, cfg: AlgoConfig) -> LossOutput:
+    """UniGRPO (MMaDA): GRPO's clipped token objective on randomly masked completions.
+
+    ``A = (r - mean_group r) / std_group r``; per draw and masked token
+    ``-min(rho A, clip(rho, 1 - eps, 1 + eps) A) + kl_coef * k3``, averaged over the draw's
+    masked tokens (:func:`d1_objective`), then over draws and responses. ``rho`` is to the
+    policy before this step on the same masks (detached: 1 on a fresh batch), and ``k3`` to
+    the frozen reference on the same masks.
+    """
+    models = batch.models
+    logp, draw = unigrpo_token_logprobs(batch, cfg, models.policy)
+    ref = None
+    if cfg.kl_coef > 0:
+        if models.reference is None:
+            raise ValueError("unigrpo with algo.kl_coef > 0 needs batch.models.reference")
+        with torch.no_grad():
+            ref = completion_logprobs(
+                models.reference,
+                batch.prompt_ids,
+                batch.completion_ids,
+                draw.input_masks(),
+                mask_id=models.mask_id,
+                attention_mask=batch.full_attention(),
+                micro_batch=cfg.micro_batch,
+            )
+    b, n, length = logp.shape
+    r = batch.rewards.to(logp.dtype)
+    adv = normalize_rewards(r, batch.group_ids, "scale")
+    flat = logp.reshape(b * n, length)
+    loss, stats = d1_objective(
+        flat,
+        flat.detach(),
+        None if ref is None else ref.reshape(b * n, length),
+        adv.repeat_interleave(n),
+        draw.masks.reshape(b * n, length),
+        clip_eps=cfg.clip_eps,
+        kl_coef=cfg.kl_coef,
+    )
+    metrics = {f"learner/{k}": float(v.detach()) for k, v in stats.items()}
+    metrics["learner/adv_abs_mean"] = float(adv.abs().mean())
+    metrics["learner/mask_ratio_mean"] = float(
+        (draw.masks.sum(-1) / batch.span().sum(-1, keepdim=True).clamp(min=1)).mean()
+    )
+    return LossOutput(loss, metrics)
+
+
+@register_loss("spg", LossTraits("policy_gradient", upper_bound=True, fresh=True))
+def spg_loss(batch: LossBatch, cfg: AlgoConfig) -> LossOutput:
+    """SPG: maximise the ELBO of positive-advantage and minimise the EUBO (or its mixture with
+    the ELBO, ``algo.spg_mix``) of negative-advantage responses, ``A = r - mean_group r``
+    (:func:`spg_objective`); policy only, no ratio, no reference. Both bounds come from the
+    same ``algo.num_mc_samples`` draws (block-wise with ``algo.masking=block``, SPG's choice),
+    the EUBO with order ``algo.eubo_gamma`` (SPG's beta)."""
+    draw = draw_masks(batch.span(), cfg, generator=batch.models.generator, seeds=batch.mask_seeds)
+    lower, upper, coverage = _score(batch.models.policy, batch, draw, cfg, cfg.eubo_gamma)
+    assert upper is not None and coverage is not None
+    if cfg.length_normalize:
+        n = batch.span().sum(-1).clamp(min=1).to(lower.dtype)
+        lower, upper = lower / n, upper / n
+    r = batch.rewards.to(lower.dtype)
+    adv = r - group_mean(r, batch.group_ids)
+    objective, _ = spg_objective(lower, upper, adv, cfg.spg_mix)
+    metrics = {
+        "learner/elbo_policy": float(lower.detach().mean()),
+        "learner/eubo_policy": float(upper.detach().mean()),
+        "learner/bound_inversions": float((upper.detach() < lower.detach()).sum()),
+        "learner/negative_share": float((adv < 0).float().mean()),
+        "learner/adv_abs_mean": float(adv.abs().mean()),
+        "learner/eubo_coverage": float(coverage.mean()),
+    }
+    return LossOutput(-objective, metrics)

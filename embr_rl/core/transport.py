@@ -50,6 +50,7 @@ __all__ = [
     "WeightClient",
     "WeightReceiver",
     "WeightTarget",
+    "adopt_named_tensors",
     "build_manifest",
     "flatten_bucket",
     "free_port",
@@ -194,8 +195,10 @@ class WeightBroadcast(Protocol):
 
     def open(self, spec: TransportSpec) -> None: ...
 
-    def push(self, buckets: Iterable[Tensor], version: int) -> tuple[SyncStats, Any]:
-        """Send flattened ``buckets`` (manifest order); returns stats and the workers' handle."""
+    def push(self, buckets: Iterable[Sequence[Tensor]], version: int) -> tuple[SyncStats, Any]:
+        """Send ``buckets`` (each the manifest bucket's tensors, in manifest order; a bucket's
+        tensors need only stay valid until the next one is drawn); returns stats and the
+        workers' handle."""
         ...
 
     def close(self) -> None: ...
@@ -207,6 +210,11 @@ class WeightReceiver(Protocol):
     def open(self, spec: TransportSpec) -> None: ...
 
     def receive(self, handle: Any, version: int) -> dict[str, Tensor]: ...
+
+    def applied(self, version: int, *, adopted: bool) -> None:
+        """The client applied ``version``; ``adopted``: its target now aliases the received
+        tensors instead of holding a copy (only transports that share memory care)."""
+        ...
 
     def close(self) -> None: ...
 
@@ -294,7 +302,7 @@ class TorchDistBroadcast(_TorchDistBase):
 
     streams: ClassVar[bool] = True
 
-    def push(self, buckets: Iterable[Tensor], version: int) -> tuple[SyncStats, Any]:
+    def push(self, buckets: Iterable[Sequence[Tensor]], version: int) -> tuple[SyncStats, Any]:
         group, spec = self._ready()
         start = time.perf_counter()
         header = torch.tensor(
@@ -304,8 +312,8 @@ class TorchDistBroadcast(_TorchDistBase):
         )
         _broadcast(group, header)
         sent = 0
-        for flat in buckets:
-            flat = flat.to(spec.device).contiguous()
+        for tensors in buckets:
+            flat = flatten_bucket(tensors).to(spec.device).contiguous()
             _broadcast(group, flat)
             sent += flat.numel() * flat.element_size()
         return SyncStats(version, time.perf_counter() - start, sent), None
@@ -337,6 +345,9 @@ class TorchDistReceiver(_TorchDistBase):
             out.update(zip((s.name for s in specs), unflatten_bucket(flat, specs), strict=True))
         return out
 
+    def applied(self, version: int, *, adopted: bool) -> None:
+        """Nothing to release: every update arrives in fresh memory."""
+
 
 # --------------------------------------------------------------------------- Ray object store
 
@@ -352,14 +363,17 @@ class ObjectStoreBroadcast:
     def open(self, spec: TransportSpec) -> None:
         self.spec = spec
 
-    def push(self, buckets: Iterable[Tensor], version: int) -> tuple[SyncStats, Any]:
+    def push(self, buckets: Iterable[Sequence[Tensor]], version: int) -> tuple[SyncStats, Any]:
         import ray
 
         if self.spec is None:
             raise RuntimeError("object-store broadcast is not open; call open(spec) first")
         start = time.perf_counter()
         # Raw bytes as NumPy: zero-copy in the object store, and bf16 survives the trip.
-        arrays = [flat.detach().cpu().contiguous().view(torch.uint8).numpy() for flat in buckets]
+        arrays = [
+            flatten_bucket(tensors).cpu().contiguous().view(torch.uint8).numpy()
+            for tensors in buckets
+        ]
         ref = ray.put((version, self.spec.manifest.checksum(), arrays))
         sent = sum(a.nbytes for a in arrays)
         return SyncStats(version, time.perf_counter() - start, sent), ref
@@ -400,6 +414,9 @@ class ObjectStoreReceiver:
                 out.update(zip((s.name for s in specs), unflatten_bucket(flat, specs), strict=True))
         return out
 
+    def applied(self, version: int, *, adopted: bool) -> None:
+        """Nothing to release: the object store frees a payload when no reference is left."""
+
     def close(self) -> None:
         self.spec = None
 
@@ -414,7 +431,9 @@ register_broadcast("object_store", ObjectStoreBroadcast, ObjectStoreReceiver)
 class WeightTarget(Protocol):
     """What a :class:`WeightClient` applies updates to: a rollout engine, or a module.
 
-    ``weight_specs`` lists the tensors ``update_weights`` accepts by name (full shapes; the
+    A target may also define ``adopt_weights(state_dict) -> bool``: take the tensors by
+    reference (no copy) where it can, returning whether it did; a transport that shares
+    memory (``shared_memory``) then costs the worker no copy at all. ``weight_specs`` lists the tensors ``update_weights`` accepts by name (full shapes; the
     dtype may differ from the sender's, values are cast on load), or None where the target
     cannot list them (the manifest is then not checked at connection time).
     """
@@ -450,6 +469,33 @@ def load_named_tensors(module: nn.Module, tensors: Mapping[str, Tensor]) -> None
         targets[name].copy_(value)
 
 
+@torch.no_grad()
+def adopt_named_tensors(module: nn.Module, tensors: Mapping[str, Tensor]) -> bool:
+    """Point ``module``'s parameters and buffers at ``tensors`` (no copy) where dtype and
+    device match, copy the rest (:func:`load_named_tensors`'s checks first); returns whether
+    any tensor was adopted, i.e. whether the module now aliases the received memory."""
+    targets = {**dict(module.named_buffers()), **dict(module.named_parameters())}
+    copies: dict[str, Tensor] = {}
+    adopted = False
+    for name, value in tensors.items():
+        if name not in targets:
+            raise KeyError(f"{type(module).__name__} has no parameter or buffer {name!r}")
+        t = targets[name]
+        if tuple(value.shape) != tuple(t.shape):
+            raise ValueError(
+                f"weight {name!r} has shape {tuple(value.shape)}, the model's is {tuple(t.shape)}"
+            )
+        if value.dtype == t.dtype and value.device == t.device:
+            continue
+        copies[name] = value
+    for name, value in tensors.items():
+        if name not in copies:
+            targets[name].data = value
+            adopted = True
+    load_named_tensors(module, copies)
+    return adopted
+
+
 class ModuleTarget:
     """A plain ``nn.Module`` as a :class:`WeightTarget` (copies updates in place by name)."""
 
@@ -461,6 +507,9 @@ class ModuleTarget:
 
     def update_weights(self, state_dict: Mapping[str, Tensor]) -> None:
         load_named_tensors(self.module, state_dict)
+
+    def adopt_weights(self, state_dict: Mapping[str, Tensor]) -> bool:
+        return adopt_named_tensors(self.module, state_dict)
 
 
 def _check_manifest(manifest: Manifest, have: Sequence[TensorSpec] | None) -> None:
@@ -485,6 +534,9 @@ def _check_manifest(manifest: Manifest, have: Sequence[TensorSpec] | None) -> No
 class _Pending:
     version: int
     tensors: Mapping[str, Tensor] = field(default_factory=dict)
+    # Received into memory the transport shares (read-only, reused by later versions): the
+    # target may adopt it rather than copy, and the receiver is told what it still holds.
+    shared: bool = False
 
 
 class WeightClient:
@@ -505,6 +557,8 @@ class WeightClient:
         self.version = version
         self._pending: _Pending | None = None
         self._lock = threading.Lock()
+        # The shared-memory tensors the target aliases now (adopted), if any.
+        self._adopted: Mapping[str, Tensor] | None = None
 
     @property
     def latest_version(self) -> int:
@@ -515,13 +569,14 @@ class WeightClient:
     def connect(self, spec: TransportSpec) -> None:
         """Join the weight-transport group (blocks until the learner and every worker have joined)."""
         _check_manifest(spec.manifest, self.target.weight_specs())
-        if self.receiver is not None:
-            self.receiver.close()
+        self.close()
         self.receiver = get_broadcast(spec.method).receiver()
         self.receiver.open(spec)
 
-    def stage(self, tensors: Mapping[str, Tensor], version: int) -> int:
-        """Stage ``tensors`` as ``version`` (replacing an unapplied older one); returns bytes."""
+    def stage(self, tensors: Mapping[str, Tensor], version: int, *, shared: bool = False) -> int:
+        """Stage ``tensors`` as ``version`` (replacing an unapplied older one); returns bytes.
+
+        ``shared``: the tensors live in the transport's shared memory (see ``_Pending``)."""
         with self._lock:
             latest = self._pending.version if self._pending is not None else self.version
             if version < latest:
@@ -529,7 +584,7 @@ class WeightClient:
                     f"weight version {version} is older than the worker's version {latest}; "
                     "versions must not go back"
                 )
-            self._pending = _Pending(version, tensors)
+            self._pending = _Pending(version, tensors, shared)
         return sum(t.numel() * t.element_size() for t in tensors.values())
 
     def receive(self, handle: Any, version: int) -> int:
@@ -538,7 +593,8 @@ class WeightClient:
             raise RuntimeError(
                 "receive before connect: this worker has not joined the weight transport"
             )
-        return self.stage(self.receiver.receive(handle, version), version)
+        shared = bool(getattr(self.receiver, "shares_memory", False))
+        return self.stage(self.receiver.receive(handle, version), version, shared=shared)
 
     @torch.no_grad()
     def apply_pending(self) -> int | None:
@@ -547,17 +603,39 @@ class WeightClient:
             pending, self._pending = self._pending, None
             if pending is None:
                 return None
-            self.target.update_weights(pending.tensors)
+            adopt = getattr(self.target, "adopt_weights", None) if pending.shared else None
+            adopted = False
+            if adopt is not None:
+                adopted = bool(adopt(pending.tensors))
+            else:
+                self.target.update_weights(pending.tensors)
+            self._adopted = pending.tensors if adopted else None
             self.version = pending.version
+            if pending.shared and self.receiver is not None:
+                self.receiver.applied(pending.version, adopted=adopted)
             return pending.version
 
     def close(self) -> None:
+        """Leave the transport; weights the target adopted from it are copied out first
+        (the transport may rewrite that memory once this receiver no longer holds it)."""
+        with self._lock:
+            if self._adopted is not None:
+                private = {n: t.clone() for n, t in self._adopted.items()}
+                self.target.adopt_weights(private)  # type: ignore[attr-defined]
+                self._adopted = None
+            if self._pending is not None and self._pending.shared:
+                self._pending = None  # staged in shared memory: gone with the receiver
         if self.receiver is not None:
             self.receiver.close()
             self.receiver = None
 
 
-def iter_buckets(manifest: Manifest, tensors: Sequence[Tensor]) -> Iterator[Tensor]:
-    """Flattened buckets of ``tensors`` (aligned with ``manifest.specs``), for local senders."""
+def iter_buckets(manifest: Manifest, tensors: Sequence[Tensor]) -> Iterator[list[Tensor]]:
+    """The buckets of ``tensors`` (aligned with ``manifest.specs``) as :meth:`WeightBroadcast.push`
+    takes them, for local senders."""
     for bucket in manifest.buckets:
-        yield flatten_bucket([tensors[i] for i in bucket])
+        yield [tensors[i] for i in bucket]
+
+
+# The same-node transports (shared_memory, cuda_ipc) register themselves on import.
+from embr_rl.core import transport_local  # noqa: E402, F401

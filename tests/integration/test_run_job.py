@@ -144,6 +144,9 @@ class Cluster:
             "eval.limit=16",
             "eval.batch_size=16",
             "buffer.max_staleness=null",
+            # The workers stream (the demo itself runs sync): one learner thread beside them.
+            "algo.mode=online",
+            "learner.num_threads=null",
             "logging.tensorboard=false",
             "cluster.dashboard=false",
         ]

@@ -44,6 +44,7 @@ def _cfg(run_dir: Path, base: Path, *extra: str) -> Config:
             "rollout.prompts_per_batch=2",
             "rollout.group_size=4",
             "learner.num_cpus_per_rank=0.5",
+            "learner.num_threads=null",
             "learner.batch_size=8",
             "learner.micro_batch_size=4",
             "algo.num_mc_samples=1",
@@ -60,17 +61,21 @@ def _cfg(run_dir: Path, base: Path, *extra: str) -> Config:
     )
 
 
-@pytest.mark.parametrize("algo", ["embr_e", "embr_c", "embr_u", "d1", "wd1", "dpo", "vrpo"])
+@pytest.mark.parametrize(
+    "algo", ["embr_e", "embr_c", "embr_u", "d1", "wd1", "unigrpo", "spg", "dpo", "vrpo"]
+)
 def test_sync_mode_runs_every_algorithm(
     ray_session: object, base_model: Path, tmp_path: Path, algo: str
 ) -> None:
     from embr_rl.run import run
 
-    inner = 1 if algo == "d1" else 2
+    inner = 1 if algo in ("d1", "unigrpo") else 2
+    # Weights reach the workers and the evaluator through shared memory (adopted, no copy).
     summary = run(
         _cfg(
             tmp_path, base_model, f"algo.name={algo}", "algo.mode=sync",
             f"algo.inner_iterations={inner}", "learner.total_steps=4",
+            "learner.broadcast=shared_memory",
         )
     )  # fmt: skip
     assert summary["steps"] == 4 and summary["algo"] == algo
@@ -110,14 +115,15 @@ def test_offline_mode_trains_from_a_dataset_without_workers(
     assert json.loads((tmp_path / "run" / "actors.json").read_text())["rollout_workers"] == []
 
 
+@pytest.mark.parametrize("algo", ["embr_u", "unigrpo", "spg"])
 def test_online_mode_respects_max_staleness_even_when_starved(
-    ray_session: object, base_model: Path, tmp_path: Path
+    ray_session: object, base_model: Path, tmp_path: Path, algo: str
 ) -> None:
     from embr_rl.run import run
 
     summary = run(
         _cfg(
-            tmp_path, base_model, "algo.name=embr_u", "algo.mode=online", "learner.total_steps=6",
+            tmp_path, base_model, f"algo.name={algo}", "algo.mode=online", "learner.total_steps=6",
             "learner.sync_every=2", "buffer.max_staleness=0", "buffer.max_lag=1",
             "checkpoint.every=3",
         )

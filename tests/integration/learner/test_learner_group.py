@@ -102,7 +102,9 @@ def test_group_step_equals_local_and_broadcast(ray_env, zero_stage: int) -> None
         # changes only the last float bits of the gradients (measured: < 3e-6).
         _assert_same(got, expected, atol=2e-5)
 
-        methods = ["torch_dist", "object_store"] if zero_stage == 3 else ["torch_dist"]
+        methods = ["torch_dist", "shared_memory"]
+        if zero_stage == 3:
+            methods.append("object_store")
         for version, method in enumerate(methods, start=1):
             if version > 1:
                 group.train_step(batch)

@@ -254,6 +254,11 @@ def test_plot_rewards_writes_png(tmp_path: Path) -> None:
         ),
         (["rollout.score_reference=true", "rollout.engine=vllm"], "rollout.score_reference"),
         (["buffer.capacity=16", "learner.batch_size=32"], "buffer.capacity"),
+        (["learner.broadcast=cuda_ipc"], "learner.num_gpus_per_rank"),
+        (
+            ["learner.broadcast=cuda_ipc", "learner.num_gpus_per_rank=1"],
+            "rollout.num_gpus_per_worker",
+        ),
     ],
 )
 def test_run_rules_name_the_key(overrides: list[str], key: str) -> None:
