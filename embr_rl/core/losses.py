@@ -504,6 +504,17 @@ def share_within_pairs(draw: MaskDraw, pairs: Tensor, span: Tensor) -> MaskDraw:
     return MaskDraw(masks, weights, hidden)
 
 
+def _group_leaders(group_ids: Tensor) -> Tensor:
+    """[M, 2] ``(first row of the group, row)`` for every other row of each group: with
+    :func:`share_within_pairs`, every row of a group is scored on its first row's masks."""
+    _, inv = torch.unique(group_ids, return_inverse=True)
+    rows = torch.arange(len(inv), device=inv.device)
+    first = torch.full((int(inv.max()) + 1 if len(inv) else 0,), len(inv), device=inv.device)
+    first = first.scatter_reduce(0, inv, rows, reduce="amin")[inv]
+    keep = first != rows
+    return torch.stack([first[keep], rows[keep]], dim=1)
+
+
 def _pairs(batch: LossBatch) -> Tensor:
     if batch.pairs is not None:
         return batch.pairs.to(batch.rewards.device).long()
@@ -773,18 +784,12 @@ def unigrpo_token_logprobs(
     Each of the ``algo.num_mc_samples`` draws per response masks its completion at a ratio of
     its own (``algo.timesteps``: ``count`` masks exactly ``l ~ U{1..L}`` positions, ``uniform``
     each position with probability ``t ~ U(0, 1]``), the prompt kept clean; with
-    ``algo.masking=block`` inside one random block, later blocks hidden (our extension; MMaDA
-    masks the whole completion, ``algo.masking=random``). Draws come from ``batch.mask_seeds``
-    when present, else ``batch.models.generator``.
+    ``algo.masking=block`` inside one block, later blocks hidden, the blocks stratified over
+    the draws with ``algo.stratified`` (our extension; MMaDA masks the whole completion,
+    ``algo.masking=random``). Draws come from ``batch.mask_seeds`` when present, else
+    ``batch.models.generator``.
     """
-    draw = draw_masks(
-        batch.span(),
-        cfg,
-        generator=batch.models.generator,
-        seeds=batch.mask_seeds,
-        stratified=False,
-        antithetic=False,
-    )
+    draw = draw_masks(batch.span(), cfg, generator=batch.models.generator, seeds=batch.mask_seeds)
     logp = completion_logprobs(
         model,
         batch.prompt_ids,
@@ -851,7 +856,10 @@ def spg_loss(batch: LossBatch, cfg: AlgoConfig) -> LossOutput:
     (:func:`spg_objective`); policy only, no ratio, no reference. Both bounds come from the
     same ``algo.num_mc_samples`` draws (block-wise with ``algo.masking=block``, SPG's choice),
     the EUBO with order ``algo.eubo_gamma`` (SPG's beta)."""
-    draw = draw_masks(batch.span(), cfg, generator=batch.models.generator, seeds=batch.mask_seeds)
+    span = batch.span()
+    draw = draw_masks(span, cfg, generator=batch.models.generator, seeds=batch.mask_seeds)
+    if cfg.pair_common_masks:
+        draw = share_within_pairs(draw, _group_leaders(batch.group_ids), span)
     lower, upper, coverage = _score(batch.models.policy, batch, draw, cfg, cfg.eubo_gamma)
     assert upper is not None and coverage is not None
     if cfg.length_normalize:
