@@ -64,7 +64,11 @@ LABELS = {
 }
 # The online study: every registered loss that is not a preference (pairs-only) objective.
 EMBR = tuple(n for n, t in LOSS_TRAITS.items() if t.family == "embr")
-BASELINES = tuple(n for n, t in LOSS_TRAITS.items() if t.family == "policy_gradient")
+# Registered but not in the study until bench/sweep.py has tuned them (issue 18 item 3).
+PENDING = ("unigrpo", "spg")
+BASELINES = tuple(
+    n for n, t in LOSS_TRAITS.items() if t.family == "policy_gradient" and n not in PENDING
+)
 ONLINE = EMBR + BASELINES
 # The stale setting: d1 needs the behaviour log-probs for its ratios; EMBR needs nothing.
 STALE: dict[str, tuple[str, ...]] = {

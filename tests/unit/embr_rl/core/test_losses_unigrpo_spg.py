@@ -14,11 +14,13 @@ from embr_rl.core.config import AlgoConfig, ConfigError, load_config
 from embr_rl.core.losses import (
     LossBatch,
     LossModels,
+    _group_leaders,
     draw_masks,
     get_loss,
     group_mean,
     normalize_rewards,
     reference_energies,
+    share_within_pairs,
     spg_objective,
     traits_of,
     unigrpo_token_logprobs,
@@ -99,7 +101,7 @@ def test_spg_sandwich_lies_below_the_advantage_weighted_log_likelihood(gamma: fl
 
 
 def test_spg_loss_is_the_objective_on_the_rows_seeded_draws(tiny_model: torch.nn.Module) -> None:
-    cfg = _cfg("spg", num_mc_samples=2, spg_mix=0.3)
+    cfg = _cfg("spg", num_mc_samples=2, spg_mix=0.3, pair_common_masks=False)
     batch = _batch(tiny_model)
     out = get_loss("spg")(batch, cfg)
     with torch.no_grad():
@@ -111,6 +113,16 @@ def test_spg_loss_is_the_objective_on_the_rows_seeded_draws(tiny_model: torch.nn
     out.loss.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in tiny_model.parameters())
     assert out.metrics["learner/negative_share"] == pytest.approx(0.5)
+
+
+def test_spg_scores_a_group_on_its_first_rows_masks(tiny_model: torch.nn.Module) -> None:
+    cfg = _cfg("spg", num_mc_samples=2)
+    batch = _batch(tiny_model, seeds=False)
+    leaders = _group_leaders(batch.group_ids)
+    assert leaders.tolist() == [[0, 1], [0, 2], [3, 4], [3, 5]]
+    draw = share_within_pairs(draw_masks(batch.span(), cfg), leaders, batch.span())
+    for a, b in leaders.tolist():
+        assert torch.equal(draw.masks[a], draw.masks[b])
 
 
 # --------------------------------------------------------------------------- UniGRPO
