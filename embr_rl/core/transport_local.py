@@ -102,14 +102,23 @@ def _read_ctl_pid(path: Path) -> int | None:
     return int.from_bytes(head[8:16], "little", signed=True)
 
 
-def sweep_stale_segments() -> list[str]:
+def sweep_stale_segments(*, unfinished_after_s: float = 60.0) -> list[str]:
     """Remove the segments of senders that died without closing (their control segment
-    names a process that no longer exists); returns the removed names."""
+    names a process that no longer exists, or was never finished and is older than
+    ``unfinished_after_s``: another sender may be writing its header right now); returns the
+    removed names."""
     removed: list[str] = []
     for ctl in SHM_DIR.glob(f"{_PREFIX}*_ctl"):
         pid = _read_ctl_pid(ctl)
         if pid is not None and _alive(pid):
             continue
+        if pid is None:
+            try:
+                age = time.time() - ctl.stat().st_mtime
+            except FileNotFoundError:
+                continue
+            if age < unfinished_after_s:
+                continue
         prefix = ctl.name[: -len("_ctl")]
         for path in _family(prefix):
             _unlink(path)

@@ -222,3 +222,14 @@ def test_a_receiver_follows_a_sender_reopened_on_its_port(link) -> None:
     # The new control segment records what this receiver maps: the slot is kept.
     _push(sender, 3, 3)
     assert len(sender.slots) == 2
+
+
+def test_a_control_segment_being_written_is_not_swept() -> None:
+    port = free_port()
+    ctl = SHM_DIR / f"embr_w_{port}_ctl"
+    ctl.write_bytes(bytes(64))  # no magic yet: a sender between create and header
+    try:
+        assert ctl.name not in sweep_stale_segments()
+        assert ctl.name in sweep_stale_segments(unfinished_after_s=0.0)
+    finally:
+        ctl.unlink(missing_ok=True)
