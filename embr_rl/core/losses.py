@@ -342,10 +342,9 @@ def _blocked(cfg: AlgoConfig) -> bool:
     return cfg.masking == "block" and cfg.block_length is not None
 
 
-def _score(
-    model: nn.Module, batch: LossBatch, draw: MaskDraw, cfg: AlgoConfig, gamma: float | None
-) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    logp = completion_logprobs(
+def _draw_logprobs(model: nn.Module, batch: LossBatch, draw: MaskDraw, cfg: AlgoConfig) -> Tensor:
+    """[B, n, L] ``log pi(y_i | x, z_k)`` of ``model`` on the batch under ``draw``."""
+    return completion_logprobs(
         model,
         batch.prompt_ids,
         batch.completion_ids,
@@ -354,6 +353,12 @@ def _score(
         attention_mask=batch.full_attention(),
         micro_batch=cfg.micro_batch,
     )
+
+
+def _score(
+    model: nn.Module, batch: LossBatch, draw: MaskDraw, cfg: AlgoConfig, gamma: float | None
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    logp = _draw_logprobs(model, batch, draw, cfg)
     lower = elbo_from_logprobs(logp, draw)
     if gamma is None:
         return lower, None, None
@@ -790,15 +795,7 @@ def unigrpo_token_logprobs(
     ``batch.models.generator``.
     """
     draw = draw_masks(batch.span(), cfg, generator=batch.models.generator, seeds=batch.mask_seeds)
-    logp = completion_logprobs(
-        model,
-        batch.prompt_ids,
-        batch.completion_ids,
-        draw.input_masks(),
-        mask_id=batch.models.mask_id,
-        attention_mask=batch.full_attention(),
-        micro_batch=cfg.micro_batch,
-    )
+    logp = _draw_logprobs(model, batch, draw, cfg)
     return logp, draw
 
 
@@ -819,15 +816,7 @@ def unigrpo_loss(batch: LossBatch, cfg: AlgoConfig) -> LossOutput:
         if models.reference is None:
             raise ValueError("unigrpo with algo.kl_coef > 0 needs batch.models.reference")
         with torch.no_grad():
-            ref = completion_logprobs(
-                models.reference,
-                batch.prompt_ids,
-                batch.completion_ids,
-                draw.input_masks(),
-                mask_id=models.mask_id,
-                attention_mask=batch.full_attention(),
-                micro_batch=cfg.micro_batch,
-            )
+            ref = _draw_logprobs(models.reference, batch, draw, cfg)
     b, n, length = logp.shape
     r = batch.rewards.to(logp.dtype)
     adv = normalize_rewards(r, batch.group_ids, "scale")

@@ -456,6 +456,14 @@ def load_named_tensors(module: nn.Module, tensors: Mapping[str, Tensor]) -> None
     A subset is fine (a LoRA adapter alone, say); an unknown name or a wrong shape fails
     before anything is copied. Values are cast to each target's dtype and device.
     """
+    targets = _checked_targets(module, tensors)
+    for name, value in tensors.items():
+        targets[name].copy_(value)
+
+
+def _checked_targets(module: nn.Module, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """``module``'s parameters and buffers by name, once every name in ``tensors`` is found
+    with the same shape (else ``KeyError`` / ``ValueError`` naming the weight)."""
     targets = {**dict(module.named_buffers()), **dict(module.named_parameters())}
     for name, value in tensors.items():
         if name not in targets:
@@ -465,8 +473,7 @@ def load_named_tensors(module: nn.Module, tensors: Mapping[str, Tensor]) -> None
                 f"weight {name!r} has shape {tuple(value.shape)}, "
                 f"the model's is {tuple(targets[name].shape)}"
             )
-    for name, value in tensors.items():
-        targets[name].copy_(value)
+    return targets
 
 
 @torch.no_grad()
@@ -474,25 +481,15 @@ def adopt_named_tensors(module: nn.Module, tensors: Mapping[str, Tensor]) -> boo
     """Point ``module``'s parameters and buffers at ``tensors`` (no copy) where dtype and
     device match, copy the rest (:func:`load_named_tensors`'s checks first); returns whether
     any tensor was adopted, i.e. whether the module now aliases the received memory."""
-    targets = {**dict(module.named_buffers()), **dict(module.named_parameters())}
-    copies: dict[str, Tensor] = {}
+    targets = _checked_targets(module, tensors)
     adopted = False
     for name, value in tensors.items():
-        if name not in targets:
-            raise KeyError(f"{type(module).__name__} has no parameter or buffer {name!r}")
         t = targets[name]
-        if tuple(value.shape) != tuple(t.shape):
-            raise ValueError(
-                f"weight {name!r} has shape {tuple(value.shape)}, the model's is {tuple(t.shape)}"
-            )
         if value.dtype == t.dtype and value.device == t.device:
-            continue
-        copies[name] = value
-    for name, value in tensors.items():
-        if name not in copies:
-            targets[name].data = value
+            t.data = value
             adopted = True
-    load_named_tensors(module, copies)
+        else:
+            t.copy_(value)
     return adopted
 
 

@@ -164,6 +164,14 @@ def _names(spec: TransportSpec) -> tuple[str, str]:
     return prefix, f"{prefix}_ctl"
 
 
+def _check_handle(manifest: Manifest, got_version: int, crc: int, version: int) -> None:
+    """The update's manifest CRC and version must be the ones this receiver expects."""
+    if crc != manifest.checksum():
+        raise RuntimeError(f"weight update v{got_version} does not match this worker's manifest")
+    if got_version != version:
+        raise RuntimeError(f"expected weight version {version}, learner sent {got_version}")
+
+
 def _require_shm() -> None:
     if not SHM_DIR.is_dir():
         raise RuntimeError(
@@ -358,12 +366,7 @@ class SharedMemoryReceiver:
             raise RuntimeError("shared-memory receiver is not open; call open(spec) first")
         name, got_version, crc, ctl_ino = handle
         m = self.spec.manifest
-        if crc != m.checksum():
-            raise RuntimeError(
-                f"weight update v{got_version} does not match this worker's manifest"
-            )
-        if got_version != version:
-            raise RuntimeError(f"expected weight version {version}, learner sent {got_version}")
+        _check_handle(m, got_version, crc, version)
         if ctl_ino != self.ctl_ino:
             # Connected while an earlier sender on this port was still closing: follow the
             # one that sent this update (its control segment exists before any push).
@@ -464,12 +467,7 @@ class CudaIpcReceiver:
             raise RuntimeError("CUDA IPC receiver is not open; call open(spec) first")
         (rebuild, args), got_version, crc = handle
         m = self.spec.manifest
-        if crc != m.checksum():
-            raise RuntimeError(
-                f"weight update v{got_version} does not match this worker's manifest"
-            )
-        if got_version != version:
-            raise RuntimeError(f"expected weight version {version}, learner sent {got_version}")
+        _check_handle(m, got_version, crc, version)
         if self._views is None:
             flat = rebuild(*args)
             offsets, _ = segment_layout(m)
