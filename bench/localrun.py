@@ -25,6 +25,9 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 BASE_CONFIG = REPO / "configs" / "demo.yaml"
+# The sweep's and the study's records (JSONL, a few MB) are committed: the docs' tables are
+# generated from them alone, and a study extended on another machine resumes from them.
+RECORDS = REPO / "bench" / "records"
 
 # Every sweep and study run: Algorithm 1 in sync mode in one process, 16 prompts x 8
 # completions = one 128-row learner batch per step (the demo's batch), one verifier process.

@@ -2,10 +2,10 @@
 
 ::
 
-    .venv/bin/python bench/sweep.py --out runs/sweep          # first: bench/tuned.json
-    .venv/bin/python bench/repro.py --out runs/repro [--seeds 0,1,2,3,4] [--steps 60] \\
+    .venv/bin/python bench/sweep.py --out bench/records/sweep # first: bench/tuned.json
+    .venv/bin/python bench/repro.py --out bench/records/repro [--seeds 0,1,2,3,4] [--steps 60] \\
         [--settings online,stale] [--stale-k 2] [--write-docs]
-    .venv/bin/python bench/repro.py --out runs/repro --report-only [--write-docs]
+    .venv/bin/python bench/repro.py --out bench/records/repro --report-only [--write-docs]
 
 Every run is Algorithm 1 in sync mode in one process (``bench/localrun.py``, no Ray) on the
 demo task from the shipped base model: ``--steps`` learner steps of 128 rows (16 prompts x 8
@@ -45,7 +45,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.localrun import REPO, Job, read_records, run_many, write_block
+from bench.localrun import RECORDS, REPO, Job, read_records, run_many, write_block
 from embr_rl.core.losses import LOSS_TRAITS
 
 TUNED = REPO / "bench" / "tuned.json"
@@ -64,11 +64,7 @@ LABELS = {
 }
 # The online study: every registered loss that is not a preference (pairs-only) objective.
 EMBR = tuple(n for n, t in LOSS_TRAITS.items() if t.family == "embr")
-# Registered but not in the study until bench/sweep.py has tuned them (issue 18 item 3).
-PENDING = ("unigrpo", "spg")
-BASELINES = tuple(
-    n for n, t in LOSS_TRAITS.items() if t.family == "policy_gradient" and n not in PENDING
-)
+BASELINES = tuple(n for n, t in LOSS_TRAITS.items() if t.family == "policy_gradient")
 ONLINE = EMBR + BASELINES
 # The stale setting: d1 needs the behaviour log-probs for its ratios; EMBR needs nothing.
 STALE: dict[str, tuple[str, ...]] = {
@@ -113,9 +109,11 @@ def plan(
     eval_every: int,
     stale_k: Sequence[int],
     tuned: Mapping[str, Any] | None,
+    algos: Sequence[str] = ONLINE,
 ) -> list[Job]:
     """The base-model evaluation, then every run, seed-major (an interrupted study holds whole
-    seeds). ``tuned`` None: every method at the schema defaults of configs/demo.yaml."""
+    seeds); the online setting runs ``algos``. ``tuned`` None: every method at the schema
+    defaults of configs/demo.yaml."""
 
     def settings_of(algo: str) -> list[str]:
         return [] if tuned is None else tuned_overrides(algo, tuned)
@@ -123,7 +121,7 @@ def plan(
     jobs = [Job("base", ("seed=0",), 0, "test", (0,), meta={"setting": "base"})]
     for seed in seeds:
         if "online" in settings:
-            for a in ONLINE:
+            for a in algos:
                 jobs.append(
                     Job(
                         f"online/{a}/seed{seed}",
@@ -477,10 +475,17 @@ def build_report(  # noqa: C901, PLR0912, PLR0915  (report assembly, one table a
     return "\n".join(lines) + "\n"
 
 
-def write_docs(report: str, curves: Path, docs: Path = DOCS, img: Path = DOCS_IMG) -> None:
-    """Replace the text between the markers of ``docs`` with ``report``; copy the curves."""
+def markers(block: str) -> tuple[str, str]:
+    """docs/results.md's marker lines of the report ``block`` ("repro" or "repro-NAME")."""
+    return f"<!-- {block}:begin -->", f"<!-- {block}:end -->"
+
+
+def write_docs(
+    report: str, curves: Path, docs: Path = DOCS, img: Path = DOCS_IMG, block: str = "repro"
+) -> None:
+    """Replace the text between the markers ``block`` of ``docs`` with ``report``; copy the curves."""
     body = report.replace("](curves.png)", f"](img/{img.name})")
-    write_block(docs, BEGIN, END, body)
+    write_block(docs, *markers(block), body)
     img.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(curves, img)
 
@@ -490,17 +495,33 @@ def write_docs(report: str, curves: Path, docs: Path = DOCS, img: Path = DOCS_IM
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--out", type=Path, default=REPO / "runs" / "repro")
+    p.add_argument("--out", type=Path, default=RECORDS / "repro")
     p.add_argument("--seeds", default="0,1,2,3,4")
     p.add_argument("--settings", default="online,stale")
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--eval-every", type=int, default=15)
     p.add_argument("--stale-k", default="2")
     p.add_argument("--processes", type=int, default=2)
+    p.add_argument(
+        "--algos", default=",".join(ONLINE), help="the online setting's methods (comma-separated)"
+    )
     p.add_argument("--untuned", action="store_true", help="every method at the demo's defaults")
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--write-docs", action="store_true")
+    p.add_argument(
+        "--block",
+        default="repro",
+        help="docs/results.md's markers for --write-docs (<!-- BLOCK:begin -->); the curves go "
+        "to docs/img/BLOCK_curves.png",
+    )
     args = p.parse_args(argv)
+    algos = [a.strip() for a in args.algos.split(",") if a.strip()]
+    bad_algos = [a for a in algos if a not in ONLINE]
+    if bad_algos or not algos:
+        p.error(
+            f"unknown method {bad_algos[0] if bad_algos else ''!r} in --algos; allowed: "
+            f"{', '.join(ONLINE)}"
+        )
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
         stale_k = [int(s) for s in args.stale_k.split(",") if s.strip()]
@@ -526,6 +547,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 eval_every=args.eval_every,
                 stale_k=stale_k,
                 tuned=tuned,
+                algos=algos,
             )
         except KeyError as exc:
             p.error(str(exc.args[0]))
@@ -547,7 +569,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = build_report(records, tuned, commands)
     (args.out / "report.md").write_text(report)
     if args.write_docs:
-        write_docs(report, curves)
+        img = DOCS_IMG if args.block == "repro" else DOCS_IMG.with_name(f"{args.block}_curves.png")
+        write_docs(report, curves, img=img, block=args.block)
     print(report)
     return 0
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from bench import repro, sweep
-from bench.localrun import Job, done_keys, read_records, run_one
+from bench.localrun import RECORDS, REPO, Job, done_keys, read_records, run_one
 
 TUNED = {a: {"overrides": [f"learner.lr={i}e-4"], "validation_accuracy": 0.3} for i, a in
          enumerate(repro.ONLINE, 1)}  # fmt: skip
@@ -42,7 +42,7 @@ def test_plan_runs_every_method_per_seed_with_its_tuned_settings() -> None:
     )
     keys = [j.key for j in jobs]
     assert keys[0] == "base" and len(keys) == len(set(keys))
-    assert len(jobs) == 1 + 2 * (5 + 2)
+    assert len(jobs) == 1 + 2 * (len(repro.ONLINE) + 2)
     d1 = next(j for j in jobs if j.key == "online/d1/seed1")
     assert "learner.lr=4e-4" in d1.overrides and "seed=1" in d1.overrides
     assert d1.eval_at == (15, 30, 45, 60) and d1.eval_split == "test"
@@ -115,7 +115,7 @@ def test_verdict(values: list[float], want: str) -> None:
 def _records() -> list[dict]:
     recs = [_base(0.1)]
     for seed in range(3):
-        for a, acc in zip(repro.ONLINE, (0.2, 0.3, 0.31, 0.25, 0.22), strict=True):
+        for a, acc in zip(repro.ONLINE, (0.2, 0.3, 0.31, 0.25, 0.22, 0.21, 0.23), strict=True):
             recs.append(_rec("online", a, seed, acc + 0.01 * seed))
         recs.append(_rec("stale", "embr_c", seed, 0.3 + 0.01 * seed, k=2))
         recs.append(_rec("stale", "d1", seed, 0.2 + 0.01 * seed, k=2))
@@ -157,8 +157,20 @@ def test_write_docs_replaces_only_the_marked_block(tmp_path: Path) -> None:
 
 def test_the_docs_hold_the_markers() -> None:
     text = repro.DOCS.read_text()
-    for begin, end in ((repro.BEGIN, repro.END), (sweep.BEGIN, sweep.END)):
+    for begin, end in ((repro.BEGIN, repro.END), sweep.markers("sweep")):
         assert text.count(begin) == 1 and text.count(end) == 1
+
+
+def test_the_study_records_live_in_the_repository() -> None:
+    # The docs' tables are generated from these files alone; under runs/ (ignored) they were
+    # lost with the checkout that made them.
+    rel = RECORDS.relative_to(REPO).as_posix()
+    ignored = [
+        line.strip().rstrip("/")
+        for line in (REPO / ".gitignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    assert not any(rel == g or rel.startswith(g + "/") for g in ignored), (rel, ignored)
 
 
 # --------------------------------------------------------------------------- sweep
