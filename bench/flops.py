@@ -39,26 +39,25 @@ from bench.decode import llada_shaped  # noqa: E402
 PROMPT = 32
 
 
-def best_seconds(fn: Callable[[], object], repeats: int) -> float:
-    """The fastest of ``repeats`` timed calls after one warm-up (the ceiling is a best case)."""
+def timings(fn: Callable[[], object], repeats: int) -> list[float]:
+    """Seconds of ``repeats`` calls of ``fn`` after one warm-up call."""
     fn()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return min(times)
+    return times
+
+
+def best_seconds(fn: Callable[[], object], repeats: int) -> float:
+    """The fastest call (the ceiling is a best case)."""
+    return min(timings(fn, repeats))
 
 
 def median_seconds(fn: Callable[[], object], repeats: int) -> float:
-    """The median of ``repeats`` timed calls after one warm-up (what a workload achieves)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    """The median call (what a workload achieves)."""
+    return statistics.median(timings(fn, repeats))
 
 
 def matmul_flops(m: int, k: int, n: int, repeats: int) -> float:
