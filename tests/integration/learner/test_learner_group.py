@@ -99,8 +99,11 @@ def test_group_step_equals_local_and_broadcast(ray_env, zero_stage: int) -> None
         got = group.full_state()
         _assert_moved(initial, got)
         # Adam's first step moves weights by about lr = 1e-2; summation order over two ranks
-        # changes only the last float bits of the gradients (measured: < 3e-6).
-        _assert_same(got, expected, atol=2e-5)
+        # changes only the last float bits of the gradients, but on an element whose gradient
+        # is near Adam's eps that moves the update by a visible share of lr (measured < 3e-6
+        # on one install, 3.9e-5 and 5.9e-5 on a fresh one, 2026-12-02). 1% of lr: a wrong
+        # averaging (a factor of 2, a missing rank) moves every weight by about lr.
+        _assert_same(got, expected, atol=1e-4)
 
         methods = ["torch_dist", "shared_memory"]
         if zero_stage == 3:
