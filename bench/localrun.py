@@ -167,6 +167,11 @@ def run_many(
             log(f"[{n}/{len(todo)}] {rec['key']}: {shown} ({rec['seconds']:.0f} s)")
 
 
+def markers(block: str) -> tuple[str, str]:
+    """The marker lines of the docs block ``block``: ``<!-- block:begin -->``, ``:end -->``."""
+    return f"<!-- {block}:begin -->", f"<!-- {block}:end -->"
+
+
 def write_block(path: Path, begin: str, end: str, body: str) -> None:
     """Replace the text between the marker lines ``begin`` and ``end`` of ``path`` with ``body``."""
     text = path.read_text()

@@ -45,13 +45,13 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.localrun import RECORDS, REPO, Job, read_records, run_many, write_block
+from bench.localrun import RECORDS, REPO, Job, markers, read_records, run_many, write_block
 from embr_rl.core.losses import LOSS_TRAITS
 
 TUNED = REPO / "bench" / "tuned.json"
 DOCS = REPO / "docs" / "results.md"
 DOCS_IMG = REPO / "docs" / "img" / "repro_curves.png"
-BEGIN, END = "<!-- repro:begin -->", "<!-- repro:end -->"
+BEGIN, END = markers("repro")
 
 LABELS = {
     "embr_e": "EMBR-E",
@@ -473,11 +473,6 @@ def build_report(  # noqa: C901, PLR0912, PLR0915  (report assembly, one table a
     total = sum(float(r.get("seconds", 0)) for r in records)
     lines.append(f"- process time of all {len(records)} records: {total / 60:.0f} min")
     return "\n".join(lines) + "\n"
-
-
-def markers(block: str) -> tuple[str, str]:
-    """docs/results.md's marker lines of the report ``block`` ("repro" or "repro-NAME")."""
-    return f"<!-- {block}:begin -->", f"<!-- {block}:end -->"
 
 
 def write_docs(

@@ -26,7 +26,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.localrun import RECORDS, REPO, Job, read_records, run_many, write_block
+from bench.localrun import RECORDS, REPO, Job, markers, read_records, run_many, write_block
 
 ALGOS = ("embr_e", "embr_c", "embr_u", "d1", "wd1", "unigrpo", "spg")
 STAGE1_LRS = ("1.0e-4", "2.0e-4", "4.0e-4")
@@ -48,11 +48,6 @@ STAGE2: dict[str, tuple[tuple[str, ...], ...]] = {
 }
 TUNED = REPO / "bench" / "tuned.json"
 DOCS = REPO / "docs" / "results.md"
-
-
-def markers(block: str) -> tuple[str, str]:
-    """docs/results.md's marker lines of the sweep table ``block`` ("sweep" or "sweep-NAME")."""
-    return f"<!-- {block}:begin -->", f"<!-- {block}:end -->"
 
 
 def _job(algo: str, name: str, overrides: tuple[str, ...], steps: int, stage: int) -> Job:
