@@ -303,6 +303,10 @@ class AlgoConfig:
     prompt_mask_prob: float = field_(0.0, ge=0, le=1)
     clip_eps: float = field_(0.2, gt=0)
     kl_coef: float = field_(0.04, ge=0)
+    # The per-token KL term of d1 and UniGRPO (core/losses.py kl_penalty). None: the loss's
+    # own, k3 for d1 (its paper's) and k2 for UniGRPO (ours: k3's gradient is the forward
+    # KL's and spiked on UniGRPO's masked tokens, docs/results.md).
+    kl_estimator: str | None = field_(None, choices=[None, "k3", "k2"])
     micro_batch: int = field_(16, ge=1)
     # EMBR-E: stop c_phi's regression from shaping the policy's features (paper eq. 11 gradient).
     energy_head_detach: bool = True

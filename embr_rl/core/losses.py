@@ -52,6 +52,7 @@ __all__ = [
     "embr_u_objective",
     "get_loss",
     "group_mean",
+    "kl_penalty",
     "normalize_rewards",
     "pair_within_groups",
     "reference_energies",
@@ -272,6 +273,26 @@ def embr_u_objective(s_min: Tensor, s_max: Tensor) -> Tensor:
     return torch.maximum(s_min**2, s_max**2).mean()
 
 
+KL_ESTIMATORS = ("k3", "k2")
+
+
+def kl_penalty(logp: Tensor, ref_logp: Tensor, estimator: str) -> Tensor:
+    """Per-token estimate of ``KL(pi || ref)`` on tokens sampled from ``pi``, used as a loss term.
+
+    ``k3 = e^{ref-logp} - (ref-logp) - 1`` (GRPO's, d1's): an unbiased value, but as a loss its
+    on-policy gradient is ``-sum_y ref(y) grad log pi(y)``, the gradient of the *forward*
+    ``KL(ref || pi)``, which grows like ``ref / pi`` on a token whose probability was pushed down.
+    ``k2 = (logp - ref)^2 / 2``: its on-policy gradient ``E_pi[(log pi - log ref) grad log pi]``
+    is exactly that of ``KL(pi || ref)``, linear in the log-ratio.
+    """
+    if estimator == "k3":
+        d = ref_logp - logp
+        return torch.exp(d) - d - 1.0
+    if estimator == "k2":
+        return 0.5 * (logp - ref_logp) ** 2
+    raise ValueError(f"unknown KL estimator {estimator!r}; allowed: {', '.join(KL_ESTIMATORS)}")
+
+
 def d1_objective(
     logp: Tensor,
     old_logp: Tensor,
@@ -281,11 +302,13 @@ def d1_objective(
     *,
     clip_eps: float,
     kl_coef: float,
+    kl_estimator: str = "k3",
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """diffu-GRPO token loss (DESIGN §4.3): PPO clip on per-token ratios plus ``kl_coef * k3``.
+    """diffu-GRPO token loss (DESIGN §4.3): PPO clip on per-token ratios plus ``kl_coef * KL``.
 
-    Per token ``-min(rho A, clip(rho, 1-eps, 1+eps) A) + kl_coef (e^{ref-logp} - (ref-logp) - 1)``;
-    averaged over each sequence's ``mask`` positions, then over sequences.
+    Per token ``-min(rho A, clip(rho, 1-eps, 1+eps) A) + kl_coef k(logp, ref)`` with ``k`` the
+    :func:`kl_penalty` estimator (``k3``: ``e^{ref-logp} - (ref-logp) - 1``); averaged over
+    each sequence's ``mask`` positions, then over sequences.
     """
     ratio = torch.exp(logp - old_logp)
     adv = advantages[:, None]
@@ -295,10 +318,9 @@ def d1_objective(
     m = mask.to(logp.dtype)
     stats = {"clip_fraction": ((clipped < unclipped).to(m.dtype) * m).sum() / m.sum().clamp(min=1)}
     if ref_logp is not None and kl_coef > 0:
-        d = ref_logp - logp
-        k3 = torch.exp(d) - d - 1.0
-        per_token = per_token + kl_coef * k3
-        stats["kl"] = (k3 * m).sum() / m.sum().clamp(min=1)
+        kl = kl_penalty(logp, ref_logp, kl_estimator)
+        per_token = per_token + kl_coef * kl
+        stats["kl"] = (kl * m).sum() / m.sum().clamp(min=1)
     per_seq = (per_token * m).sum(-1) / m.sum(-1).clamp(min=1)
     return per_seq.mean(), stats
 
@@ -696,7 +718,14 @@ def d1_loss(batch: LossBatch, cfg: AlgoConfig) -> LossOutput:
     r = batch.rewards.to(logp.dtype)
     adv = r - group_mean(r, batch.group_ids)
     loss, stats = d1_objective(
-        logp, old, ref, adv, batch.span(), clip_eps=cfg.clip_eps, kl_coef=cfg.kl_coef
+        logp,
+        old,
+        ref,
+        adv,
+        batch.span(),
+        clip_eps=cfg.clip_eps,
+        kl_coef=cfg.kl_coef,
+        kl_estimator=cfg.kl_estimator or "k3",
     )
     metrics = {f"learner/{k}": float(v.detach()) for k, v in stats.items()}
     metrics["learner/adv_abs_mean"] = float(adv.abs().mean())
@@ -829,6 +858,7 @@ def unigrpo_loss(batch: LossBatch, cfg: AlgoConfig) -> LossOutput:
         draw.masks.reshape(b * n, length),
         clip_eps=cfg.clip_eps,
         kl_coef=cfg.kl_coef,
+        kl_estimator=cfg.kl_estimator or "k2",
     )
     metrics = {f"learner/{k}": float(v.detach()) for k, v in stats.items()}
     metrics["learner/adv_abs_mean"] = float(adv.abs().mean())

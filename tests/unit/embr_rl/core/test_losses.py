@@ -23,6 +23,7 @@ from embr_rl.core.losses import (
     embr_u_bracket,
     embr_u_objective,
     get_loss,
+    kl_penalty,
     normalize_rewards,
     pair_within_groups,
     wd1_objective,
@@ -83,6 +84,51 @@ def test_d1_clip_branches_and_k3() -> None:
     mask[1, 1] = False
     loss, _ = d1_objective(logp, old, ref, adv, mask, clip_eps=0.2, kl_coef=0.1)
     assert float(loss) == pytest.approx((seq[0] + 2.0) / 2 + 0.1 * k3)
+
+
+def test_kl_estimators_hand_values_and_the_divergence_their_gradient_follows() -> None:
+    """Exact enumeration over a 3-token vocabulary: as a loss on tokens drawn from ``pi``, k2's
+    expected gradient is that of KL(pi || ref), k3's that of the forward KL(ref || pi)."""
+    logp = torch.log(torch.tensor([0.5, 0.25]))
+    ref = torch.log(torch.tensor([0.25, 0.5]))
+    d = math.log(2.0)
+    assert kl_penalty(logp, ref, "k2").tolist() == pytest.approx([d * d / 2, d * d / 2])
+    assert kl_penalty(logp, ref, "k3").tolist() == pytest.approx([0.5 + d - 1, 2 - d - 1])
+    with pytest.raises(ValueError, match="allowed: k3, k2"):
+        kl_penalty(logp, ref, "k1")
+
+    theta = torch.tensor([0.3, -1.2, 0.8], requires_grad=True)
+    ref_p = torch.tensor([0.6, 0.3, 0.1])
+
+    def expected_grad(estimator: str) -> torch.Tensor:
+        lp = torch.log_softmax(theta, -1)
+        p = lp.exp().detach()
+        loss = (
+            p * kl_penalty(lp, ref_p.log(), estimator)
+        ).sum()  # E_{y ~ pi}, pi not differentiated
+        return torch.autograd.grad(loss, theta)[0]
+
+    def grad_of(divergence: torch.Tensor) -> torch.Tensor:
+        return torch.autograd.grad(divergence, theta)[0]
+
+    lp = torch.log_softmax(theta, -1)
+    reverse = (lp.exp() * (lp - ref_p.log())).sum()
+    assert torch.allclose(expected_grad("k2"), grad_of(reverse), atol=1e-6)
+    lp = torch.log_softmax(theta, -1)
+    forward = (ref_p * (ref_p.log() - lp)).sum()
+    assert torch.allclose(expected_grad("k3"), grad_of(forward), atol=1e-6)
+
+
+def test_d1_objective_takes_the_kl_estimator() -> None:
+    logp = torch.log(torch.tensor([[0.5, 0.25]]))
+    ref = torch.log(torch.tensor([[0.25, 0.5]]))
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    adv = torch.zeros(1)
+    loss, stats = d1_objective(
+        logp, logp, ref, adv, mask, clip_eps=0.2, kl_coef=1.0, kl_estimator="k2"
+    )
+    assert float(loss) == pytest.approx(math.log(2.0) ** 2 / 2)
+    assert float(stats["kl"]) == pytest.approx(math.log(2.0) ** 2 / 2)
 
 
 def test_wd1_softmax_weights() -> None:

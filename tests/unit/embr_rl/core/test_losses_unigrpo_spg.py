@@ -190,7 +190,13 @@ def test_unigrpo_kl_term_is_zero_at_the_reference_and_positive_away(
     with torch.no_grad():
         for prm in batch.models.reference.parameters():
             prm.add_(0.3 * torch.randn_like(prm))
-    assert get_loss("unigrpo")(batch, cfg).metrics["learner/kl"] > 1e-4
+    default = get_loss("unigrpo")(batch, cfg).metrics["learner/kl"]
+    assert default > 1e-4
+    # UniGRPO's own estimator is k2 (d1 keeps its paper's k3): the same value as asked for.
+    k2 = dataclasses.replace(cfg, kl_estimator="k2")
+    k3 = dataclasses.replace(cfg, kl_estimator="k3")
+    assert get_loss("unigrpo")(batch, k2).metrics["learner/kl"] == pytest.approx(default)
+    assert get_loss("unigrpo")(batch, k3).metrics["learner/kl"] != pytest.approx(default)
 
 
 def test_seeded_draws_do_not_depend_on_the_batch(tiny_model: torch.nn.Module) -> None:
