@@ -114,6 +114,46 @@ def run_one(job: Job) -> dict[str, Any]:
     return record
 
 
+def make_offline_dataset(path: Path, rounds: int, *, seed: int = 0) -> int:
+    """Write ``rounds`` rollout batches of the base model (16 prompts x 8 completions each, the
+    study's rounds, verifier-scored) to ``path`` as a scored offline dataset (docs/buffer.md:
+    JSON lines of ``prompt``, ``completion``, ``reward``, ``prompt_id``, ``sample_id``);
+    returns the number of rows. The texts are the token ids decoded with special tokens kept,
+    which the offline loader encodes back to the same ids (the EOS fill of the window too)."""
+    import torch
+
+    torch.set_num_threads(1)
+    from embr_rl.core.config import load_config
+    from embr_rl.local_loop import LocalLoop
+    from learner.learner import shutdown_distributed
+
+    cfg = load_config(str(BASE_CONFIG), [*LOCAL_OVERRIDES, f"seed={seed}"])
+    loop = LocalLoop(cfg)
+    tok = loop.loaded.tokenizer
+    n = 0
+    tmp = path.with_name(path.name + ".tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with tmp.open("w") as f:
+            for _ in range(rounds):
+                rows = loop.worker.generate(loop.stream.take(cfg.rollout.prompts_per_batch))
+                for r in rows.to_pylist():
+                    rec = {
+                        "prompt": tok.decode(r["prompt_ids"], skip_special_tokens=False),
+                        "completion": tok.decode(r["completion_ids"], skip_special_tokens=False),
+                        "reward": r["reward"],
+                        "prompt_id": r["prompt_id"],
+                        "sample_id": r["sample_id"],
+                    }
+                    f.write(json.dumps(rec) + "\n")
+                    n += 1
+    finally:
+        loop.close()
+        shutdown_distributed()
+    tmp.replace(path)
+    return n
+
+
 def done_keys(path: Path) -> set[str]:
     """Keys of finished runs already in the JSONL file ``path``."""
     if not path.exists():

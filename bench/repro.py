@@ -4,7 +4,7 @@
 
     .venv/bin/python bench/sweep.py --out bench/records/sweep # first: bench/tuned.json
     .venv/bin/python bench/repro.py --out bench/records/repro [--seeds 0,1,2,3,4] [--steps 60] \\
-        [--settings online,stale] [--stale-k 2] [--write-docs]
+        [--settings online,stale,offline] [--stale-k 2] [--offline-rounds 32] [--write-docs]
     .venv/bin/python bench/repro.py --out bench/records/repro --report-only [--write-docs]
 
 Every run is Algorithm 1 in sync mode in one process (``bench/localrun.py``, no Ray) on the
@@ -13,11 +13,15 @@ completions), each method with the overrides the validation sweep chose for it
 (``bench/tuned.json``, the same sweep budget for every method), evaluated greedily on the
 500 test problems every ``--eval-every`` steps. The base model is evaluated once.
 
-- ``online`` (paper Table 1): EMBR-E, EMBR-C, EMBR-U, d1 (diffu-GRPO), wd1, a fresh batch per step.
+- ``online`` (paper Table 1): EMBR-E, EMBR-C, EMBR-U, d1 (diffu-GRPO), wd1, UniGRPO, SPG, a
+  fresh batch per step.
 - ``stale`` (the off-policy claim): each batch reused for ``K + 1`` updates
   (``algo.inner_iterations``), so the last update trains on samples ``K`` versions old.
   EMBR-C (the demo's method) runs without importance weights; d1 runs with ratios to the behaviour policy's
   per-token log-probabilities recorded at rollout time (``rollout.record_logprobs``).
+- ``offline`` (paper Table 2): EMBR-C, EMBR-U, DPO-ELBO and VRPO (``algo.mode=offline``) on
+  one fixed dataset, ``--offline-rounds`` rounds of the base model's scored rollouts made
+  once into ``<out>/offline_base.jsonl``; the learner never sees a fresh sample.
 
 Records go to ``<out>/results.jsonl`` (a finished key is skipped, so the study resumes); the
 report (``<out>/report.md``, ``<out>/curves.png``) is built from that file alone: final
@@ -38,14 +42,23 @@ import shutil
 import statistics
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.localrun import RECORDS, REPO, Job, markers, read_records, run_many, write_block
+from bench.localrun import (
+    RECORDS,
+    REPO,
+    Job,
+    make_offline_dataset,
+    markers,
+    read_records,
+    run_many,
+    write_block,
+)
 from embr_rl.core.losses import LOSS_TRAITS
 
 TUNED = REPO / "bench" / "tuned.json"
@@ -61,6 +74,8 @@ LABELS = {
     "wd1": "wd1",
     "unigrpo": "UniGRPO",
     "spg": "SPG (mixture)",
+    "dpo": "DPO-ELBO",
+    "vrpo": "VRPO",
 }
 # The online study: every registered loss that is not a preference (pairs-only) objective.
 EMBR = tuple(n for n, t in LOSS_TRAITS.items() if t.family == "embr")
@@ -71,7 +86,14 @@ STALE: dict[str, tuple[str, ...]] = {
     "embr_c": (),
     "d1": ("rollout.record_logprobs=true",),
 }
-SETTINGS = ("online", "stale")
+# The offline setting (the paper's Table 2 claim): one fixed dataset of the base model's
+# scored samples, no rollouts; EMBR against the preference objectives on the same rows.
+OFFLINE = ("embr_c", "embr_u", "dpo", "vrpo")
+# The sweep tunes online methods only: an offline method it did not tune takes the learning
+# rate every online method's sweep chose.
+OFFLINE_UNTUNED: tuple[str, ...] = ("learner.lr=1.0e-4",)
+OFFLINE_DATA = "offline_base.jsonl"
+SETTINGS = ("online", "stale", "offline")
 
 # Two-sided 95% quantiles of Student's t by degrees of freedom (1..30); larger: 1.96.
 _T975 = (
@@ -94,6 +116,36 @@ def tuned_overrides(algo: str, tuned: Mapping[str, Any]) -> list[str]:
     return list(tuned[algo]["overrides"])
 
 
+def _offline_jobs(
+    seed: int,
+    steps: int,
+    eval_every: int,
+    data: Path,
+    rows: int,
+    settings_of: Callable[[str], list[str]],
+) -> list[Job]:
+    """The offline runs of one seed: every :data:`OFFLINE` method on the dataset ``data``."""
+    return [
+        Job(
+            f"offline/{a}/seed{seed}",
+            (
+                f"algo.name={a}",
+                *settings_of(a),
+                "algo.mode=offline",
+                f"buffer.offline_path={data}",
+                f"buffer.offline_cache_dir={data.parent / 'cache'}",
+                f"buffer.capacity={max(rows, 1)}",
+                f"seed={seed}",
+            ),
+            steps,
+            "test",
+            eval_points(steps, eval_every, 1),
+            meta={"setting": "offline", "algo": a, "seed": seed, "k": 0},
+        )
+        for a in OFFLINE
+    ]
+
+
 def eval_points(steps: int, every: int, round_len: int) -> tuple[int, ...]:
     """Evaluation steps: every ``every`` steps rounded down to whole rounds, and the last step."""
     every = max(round_len, every // round_len * round_len)
@@ -110,13 +162,21 @@ def plan(
     stale_k: Sequence[int],
     tuned: Mapping[str, Any] | None,
     algos: Sequence[str] = ONLINE,
+    offline_data: Path | None = None,
+    offline_rows: int = 0,
 ) -> list[Job]:
     """The base-model evaluation, then every run, seed-major (an interrupted study holds whole
-    seeds); the online setting runs ``algos``. ``tuned`` None: every method at the schema
+    seeds); the online setting runs ``algos``, the offline one :data:`OFFLINE` on
+    ``offline_data`` (``offline_rows`` rows). ``tuned`` None: every method at the schema
     defaults of configs/demo.yaml."""
 
     def settings_of(algo: str) -> list[str]:
         return [] if tuned is None else tuned_overrides(algo, tuned)
+
+    def offline_of(algo: str) -> list[str]:
+        if tuned is not None and algo not in tuned:
+            return list(OFFLINE_UNTUNED)
+        return settings_of(algo)
 
     jobs = [Job("base", ("seed=0",), 0, "test", (0,), meta={"setting": "base"})]
     for seed in seeds:
@@ -152,6 +212,10 @@ def plan(
                             meta={"setting": "stale", "algo": a, "seed": seed, "k": k},
                         )
                     )
+        if "offline" in settings:
+            if offline_data is None:
+                raise ValueError("the offline setting needs offline_data")
+            jobs += _offline_jobs(seed, steps, eval_every, offline_data, offline_rows, offline_of)
     return jobs
 
 
@@ -245,11 +309,12 @@ def _paired_diff(a: Sequence[Mapping[str, Any]], b: Sequence[Mapping[str, Any]])
     return t_interval([fa[s] - fb[s] for s in common])
 
 
-def mean_curve(runs: Sequence[Mapping[str, Any]]) -> list[tuple[int, float]]:
-    """Mean accuracy over seeds at each evaluated sample count all runs share."""
+def mean_curve(runs: Sequence[Mapping[str, Any]], x: str = "samples") -> list[tuple[int, float]]:
+    """Mean accuracy over seeds at each evaluated sample count (or ``x="step"``: learner step)
+    all runs share."""
     if not runs:
         return []
-    points = [{e["samples"]: e["accuracy"] for e in r["evals"]} for r in runs]
+    points = [{e[x]: e["accuracy"] for e in r["evals"]} for r in runs]
     shared = sorted(set.intersection(*(set(p) for p in points)))
     return [(s, statistics.fmean(p[s] for p in points)) for s in shared]
 
@@ -263,17 +328,18 @@ def plot(records: Sequence[Mapping[str, Any]], base: float, path: Path) -> Path:
 
     ks = sorted({r["k"] for r in records if r.get("setting") == "stale"})
     panels = [("online", 0, ONLINE)] + [("stale", k, tuple(STALE)) for k in ks]
+    if any(r.get("setting") == "offline" for r in records):
+        panels.append(("offline", 0, OFFLINE))
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
     for ax, (setting, k, algos) in zip(axes[0], panels, strict=True):
         for a in algos:
             runs = _runs(records, setting, a, k)
             if not runs:
                 continue
-            xs = [0] + [s for s, _ in mean_curve(runs)]
+            x = "step" if setting == "offline" else "samples"
+            xs = [0] + [s for s, _ in mean_curve(runs, x)]
             per_point = [
-                t_interval(
-                    [next(e["accuracy"] for e in r["evals"] if e["samples"] == s) for r in runs]
-                )
+                t_interval([next(e["accuracy"] for e in r["evals"] if e[x] == s) for r in runs])
                 for s in xs[1:]
             ]
             ys = [base] + [iv.mean for iv in per_point]
@@ -286,8 +352,11 @@ def plot(records: Sequence[Mapping[str, Any]], base: float, path: Path) -> Path:
                     color=line.get_color(),
                     alpha=0.15,
                 )
-        title = "online" if setting == "online" else f"stale: each batch reused, K = {k}"
-        ax.set(title=title, xlabel="samples generated", ylabel="test accuracy (%)")
+        title = {"online": "online", "offline": "offline: one fixed dataset"}.get(
+            setting, f"stale: each batch reused, K = {k}"
+        )
+        xlabel = "learner steps (128 rows)" if setting == "offline" else "samples generated"
+        ax.set(title=title, xlabel=xlabel, ylabel="test accuracy (%)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -295,6 +364,11 @@ def plot(records: Sequence[Mapping[str, Any]], base: float, path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def offline_rows(offline: Mapping[str, Sequence[Mapping[str, Any]]]) -> int:
+    """The offline dataset's size (an offline run's ``samples``)."""
+    return int(next(iter(offline.values()))[0]["samples"])
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -432,6 +506,34 @@ def build_report(  # noqa: C901, PLR0912, PLR0915  (report assembly, one table a
                 rows,
             )
         )
+    offline = {a: _runs(records, "offline", a) for a in OFFLINE}
+    offline = {a: r for a, r in offline.items() if r}
+    if offline:
+        lines += [
+            "",
+            "### Offline: one fixed dataset of the base model's samples",
+            "",
+            f"{offline_rows(offline)} scored rows ({OFFLINE_DATA}: the base model's rollouts, "
+            "16 prompts x 8 completions per round), no rollouts during training; the same "
+            "learner steps as online. DPO-ELBO and VRPO take the learning rate the online "
+            "sweep chose for every method (they are not in the sweep).",
+            "",
+        ]
+        lines.append(
+            _table(
+                ["method", "runs", "final accuracy (%)", "gain over base (points)", "per seed (%)"],
+                [
+                    [
+                        LABELS[a],
+                        str(len(r)),
+                        fmt(t_interval(_final(r))),
+                        fmt(t_interval([x - base for x in _final(r)]), signed=True),
+                        ", ".join(f"{100 * x:.1f}" for x in _final(r)),
+                    ]
+                    for a, r in offline.items()
+                ],
+            )
+        )
     # Claims.
     lines += ["", "### The paper's claims", ""]
     claims = []
@@ -450,10 +552,23 @@ def build_report(  # noqa: C901, PLR0912, PLR0915  (report assembly, one table a
             claims.append(
                 f"- **{LABELS[hi]} >= {LABELS[lo]}** ({fmt(d, signed=True)} points): {verdict(d)}."
             )
-    claims.append(
-        "- **EMBR > DPO/VRPO offline**: not measurable here; the offline setting was not run "
-        "in this study."
-    )
+    off_embr = [a for a in EMBR if a in offline]
+    off_pref = [a for a in ("dpo", "vrpo") if a in offline]
+    if off_embr and off_pref:
+        off_final = {a: t_interval(_final(r)) for a, r in offline.items()}
+        best_e = max(off_embr, key=lambda a: off_final[a].mean)
+        best_p = max(off_pref, key=lambda a: off_final[a].mean)
+        d = _paired_diff(offline[best_e], offline[best_p])
+        claims.append(
+            f"- **EMBR > DPO/VRPO offline** ({LABELS[best_e]}, the best EMBR variant offline, "
+            f"minus {LABELS[best_p]}, the better preference objective: "
+            f"{fmt(d, signed=True)} points): {verdict(d)}."
+        )
+    else:
+        claims.append(
+            "- **EMBR > DPO/VRPO offline**: not measurable here; the offline setting was not "
+            "run in this study."
+        )
     for k in stale_ks:
         c_runs, d_runs = _runs(records, "stale", "embr_c", k), _runs(records, "stale", "d1", k)
         if c_runs and d_runs and "embr_c" in online:
@@ -492,10 +607,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", type=Path, default=RECORDS / "repro")
     p.add_argument("--seeds", default="0,1,2,3,4")
-    p.add_argument("--settings", default="online,stale")
+    p.add_argument("--settings", default="online,stale,offline")
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--eval-every", type=int, default=15)
     p.add_argument("--stale-k", default="2")
+    p.add_argument(
+        "--offline-rounds",
+        type=int,
+        default=32,
+        help="rounds of 128 base-model rows in the offline dataset (made once, kept in --out)",
+    )
     p.add_argument("--processes", type=int, default=2)
     p.add_argument(
         "--algos", default=",".join(ONLINE), help="the online setting's methods (comma-separated)"
@@ -534,6 +655,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     path = args.out / "results.jsonl"
     log_path = args.out / "commands.jsonl"
     if not args.report_only:
+        data = args.out / OFFLINE_DATA
+        started, t0 = time.strftime("%Y-%m-%d %H:%M:%S"), time.time()
+        if "offline" in settings and not data.exists():
+            print(f"offline dataset: {args.offline_rounds} rounds of the base model -> {data}")
+            make_offline_dataset(data, args.offline_rounds)
+        rows = sum(1 for _ in data.open()) if data.exists() else 0
         try:
             jobs = plan(
                 seeds,
@@ -543,10 +670,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 stale_k=stale_k,
                 tuned=tuned,
                 algos=algos,
+                offline_data=data,
+                offline_rows=rows,
             )
         except KeyError as exc:
             p.error(str(exc.args[0]))
-        started, t0 = time.strftime("%Y-%m-%d %H:%M:%S"), time.time()
         run_many(jobs, path, processes=args.processes)
         with log_path.open("a") as f:
             cmd = shlex.join([".venv/bin/python", "bench/repro.py", *(argv or sys.argv[1:])])

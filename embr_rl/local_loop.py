@@ -2,7 +2,9 @@
 
 The sync mode of :mod:`embr_rl.driver` without actors: generate ``group_size`` completions
 for ``prompts_per_batch`` prompts with the current policy, take ``algo.inner_iterations``
-learner steps on them, copy the weights to the worker, repeat. Every random draw is seeded,
+learner steps on them, copy the weights to the worker, repeat. With ``algo.mode=offline``
+the buffer holds ``buffer.offline_path`` and a round is one learner step on it (the worker
+only serves evaluation). Every random draw is seeded,
 so a run is bit-reproducible. The RL sanity test and ``python -m embr_rl.local_loop`` (the
 experiments in docs/results.md) use it; the distributed job (``python -m embr_rl.run``) does not.
 """
@@ -16,8 +18,10 @@ from dataclasses import dataclass, field
 import torch
 
 from actors.rollout import RolloutWorker
+from buffer.offline import load_offline
 from buffer.replay import ExperienceBuffer
 from embr_rl.core.config import Config
+from embr_rl.core.experience import PairBatch
 from embr_rl.core.models.loader import load_model
 from embr_rl.core.tasks import Problem, load_task
 from embr_rl.core.tasks.stream import PromptStream
@@ -62,10 +66,28 @@ class LocalLoop:
         self.buffer = ExperienceBuffer(
             **ExperienceBuffer.config_kwargs(cfg.buffer, seed=cfg.seed, max_staleness=0)
         )
+        self.offline = cfg.algo.mode == "offline"
+        self.samples = 0
+        if self.offline:
+            self._load_offline()
         train = problems if problems is not None else load_task(cfg.task, cfg.task.train_split)
         self.stream = PromptStream(train, seed=cfg.seed)
-        self.samples = 0
         self.history: list[StepRecord] = []
+
+    def _load_offline(self) -> None:
+        b = self.cfg.buffer
+        assert b.offline_path is not None  # config validation
+        data = load_offline(
+            b.offline_path,
+            self.loaded.tokenizer,
+            shape=b.offline_format,
+            strict=b.strict,
+            task=b.offline_task,
+            cache_dir=b.offline_cache_dir,
+        )
+        self.buffer.add(data.table)
+        # Offline, "samples" counts the dataset's rows: no sample is generated.
+        self.samples = data.table.num_rows
 
     @property
     def step(self) -> int:
@@ -78,7 +100,17 @@ class LocalLoop:
         self.buffer.set_policy_version(self.step)
 
     def round(self) -> list[StepRecord]:
-        """One rollout batch, then ``algo.inner_iterations`` learner steps on it."""
+        """One rollout batch, then ``algo.inner_iterations`` learner steps on it (offline: one
+        learner step on the dataset, its batch's mean reward as the record's reward)."""
+        if self.offline:
+            batch = self.learner.sample_from(self.buffer)
+            tables = [batch.first, batch.second] if isinstance(batch, PairBatch) else [batch]
+            rewards = [x for t in tables for x in t.column("reward").to_pylist()]
+            metrics = self.learner.train_step(batch)
+            rec = StepRecord(self.step, self.samples, sum(rewards) / len(rewards), metrics)
+            self._broadcast()
+            self.history.append(rec)
+            return [rec]
         rows = self.worker.generate(self.stream.take(self.cfg.rollout.prompts_per_batch))
         self.buffer.add(rows)
         reward = float(self.worker.metrics()["rollout/reward_mean"])

@@ -302,10 +302,14 @@ class AlgoConfig:
     # (an operand of the arithmetic task), and d1 learnt the sanity reward only without it.
     prompt_mask_prob: float = field_(0.0, ge=0, le=1)
     clip_eps: float = field_(0.2, gt=0)
+    # The reference anchor of d1 and UniGRPO (their papers'), and of wd1 and SPG (ours: both
+    # papers have none, and without it their negative terms collapse the likelihood of their
+    # own samples, docs/results.md); 0 turns it off.
     kl_coef: float = field_(0.04, ge=0)
-    # The per-token KL term of d1 and UniGRPO (core/losses.py kl_penalty). None: the loss's
-    # own, k3 for d1 (its paper's) and k2 for UniGRPO (ours: k3's gradient is the forward
-    # KL's and spiked on UniGRPO's masked tokens, docs/results.md).
+    # The KL estimate of that anchor (core/losses.py kl_penalty). None: the loss's own, k3 for
+    # d1 (its paper's), k2 for UniGRPO (ours: k3's gradient is the forward KL's and spiked on
+    # UniGRPO's masked tokens, docs/results.md), k2 for wd1 (per token) and SPG (of the
+    # sequence ELBO log-ratio; k3 is refused there).
     kl_estimator: str | None = field_(None, choices=[None, "k3", "k2"])
     micro_batch: int = field_(16, ge=1)
     # EMBR-E: stop c_phi's regression from shaping the policy's features (paper eq. 11 gradient).
@@ -583,6 +587,12 @@ def _check_relations(cfg: Config) -> None:  # noqa: C901, PLR0912  (one independ
             "algo.name='d1' and rollout.record_logprobs=false; allowed: 1, or set "
             "rollout.record_logprobs=true (d1's ratio against the sampling policy needs the "
             "behaviour log-probs recorded at rollout time after the first update)"
+        )
+    if cfg.algo.name == "spg" and cfg.algo.kl_estimator == "k3":
+        raise ConfigError(
+            "bad value for 'algo.kl_estimator': 'k3' with algo.name='spg'; allowed: null or "
+            "'k2' (SPG's anchor is k2 of the sequence ELBO log-ratio; k3 = e^d - d - 1 of a "
+            "sequence log-ratio of tens of nats overflows)"
         )
     if cfg.algo.name == "unigrpo" and (
         cfg.algo.inner_iterations > 1 or cfg.rollout.record_logprobs

@@ -58,11 +58,13 @@ __all__ = [
     "reference_energies",
     "register_loss",
     "share_within_pairs",
+    "spg_anchor",
     "spg_loss",
     "spg_objective",
     "traits_of",
     "unigrpo_loss",
     "unigrpo_token_logprobs",
+    "wd1_anchor",
     "wd1_objective",
 ]
 
@@ -331,6 +333,13 @@ def wd1_objective(seq_logp: Tensor, advantages: Tensor, group_ids: Tensor) -> Te
     w_neg = _segment_softmax(-advantages, group_ids)
     n_groups = torch.unique(group_ids).numel()
     return ((w_neg - w_pos) * seq_logp).sum() / n_groups
+
+
+def wd1_anchor(seq_kl: Tensor, kl_coef: float) -> Tensor:
+    """Our reference anchor for wd1 (its paper has none): ``kl_coef * mean_i KL_i``, each row's
+    span-summed per-token KL estimate weighted ``1/G`` in its group, as wd1's softmax weighs a
+    row at zero advantage, so ``kl_coef`` trades against the advantage as d1's does."""
+    return kl_coef * seq_kl.mean()
 
 
 def dpo_objective(
@@ -711,6 +720,12 @@ def _d1_token_logps(
     return logp, old.to(logp.dtype), ref
 
 
+def _reference(batch: LossBatch, algo: str) -> nn.Module:
+    if batch.models.reference is None:
+        raise ValueError(f"{algo} with algo.kl_coef > 0 needs batch.models.reference")
+    return batch.models.reference
+
+
 @register_loss("d1", LossTraits("policy_gradient", one_step=True))
 def d1_loss(batch: LossBatch, cfg: AlgoConfig) -> LossOutput:
     """diffu-GRPO: one fully-masked forward, ``A = r - mean_group r``, token PPO clip, k3 KL (DESIGN §4.3)."""
@@ -743,15 +758,22 @@ def wd1_loss(batch: LossBatch, cfg: AlgoConfig) -> LossOutput:
     ``log pi(y)`` is d1's one-step estimate: the sum (or, with ``length_normalize``, the mean)
     of fully-masked per-token log-probs over the span.
     """
-    logp, _, _ = _d1_token_logps(batch, cfg, with_ref=False)
+    if cfg.kl_coef > 0:
+        _reference(batch, "wd1")
+    logp, _, ref = _d1_token_logps(batch, cfg, with_ref=cfg.kl_coef > 0)
     m = batch.span().to(logp.dtype)
-    seq = (logp * m).sum(-1)
-    if cfg.length_normalize:
-        seq = seq / m.sum(-1).clamp(min=1)
+    n = m.sum(-1).clamp(min=1) if cfg.length_normalize else torch.ones_like(m[:, 0])
+    seq = (logp * m).sum(-1) / n
     r = batch.rewards.to(logp.dtype)
     adv = r - group_mean(r, batch.group_ids)
     loss = wd1_objective(seq, adv, batch.group_ids)
-    return LossOutput(loss, {"learner/seq_logp_mean": float(seq.detach().mean())})
+    metrics = {"learner/seq_logp_mean": float(seq.detach().mean())}
+    if ref is not None:
+        kl = (kl_penalty(logp, ref, cfg.kl_estimator or "k2") * m).sum(-1) / n
+        loss = loss + wd1_anchor(kl, cfg.kl_coef)
+        metrics["learner/kl"] = float(kl.detach().mean())
+        metrics["learner/seq_logp_ref_mean"] = float(((ref * m).sum(-1) / n).mean())
+    return LossOutput(loss, metrics)
 
 
 def _dpo(batch: LossBatch, cfg: AlgoConfig, *, variance_reduced: bool) -> LossOutput:
@@ -810,6 +832,15 @@ def spg_objective(
     return (advantages * surrogate).mean(), surrogate
 
 
+def spg_anchor(logp: Tensor, ref_logp: Tensor, masks: Tensor, scale: Tensor | float) -> Tensor:
+    """Our reference anchor for SPG [B]: per draw the mean k2 ``(log pi - log pi_ref)^2 / 2``
+    over its masked tokens (as UniGRPO's KL term, with no ``1/t`` weights), averaged over the
+    draws and times ``scale`` (the span length: a sum over tokens, as SPG's bounds are)."""
+    m = masks.to(logp.dtype)
+    per_draw = (kl_penalty(logp, ref_logp, "k2") * m).sum(-1) / m.sum(-1).clamp(min=1)
+    return per_draw.mean(-1) * scale
+
+
 def unigrpo_token_logprobs(
     batch: LossBatch, cfg: AlgoConfig, model: nn.Module
 ) -> tuple[Tensor, MaskDraw]:
@@ -833,19 +864,17 @@ def unigrpo_loss(batch: LossBatch, cfg: AlgoConfig) -> LossOutput:
     """UniGRPO (MMaDA): GRPO's clipped token objective on randomly masked completions.
 
     ``A = (r - mean_group r) / std_group r``; per draw and masked token
-    ``-min(rho A, clip(rho, 1 - eps, 1 + eps) A) + kl_coef * k3``, averaged over the draw's
+    ``-min(rho A, clip(rho, 1 - eps, 1 + eps) A) + kl_coef * k2`` (``algo.kl_estimator``), averaged over the draw's
     masked tokens (:func:`d1_objective`), then over draws and responses. ``rho`` is to the
-    policy before this step on the same masks (detached: 1 on a fresh batch), and ``k3`` to
+    policy before this step on the same masks (detached: 1 on a fresh batch), and ``k2`` to
     the frozen reference on the same masks.
     """
     models = batch.models
     logp, draw = unigrpo_token_logprobs(batch, cfg, models.policy)
     ref = None
     if cfg.kl_coef > 0:
-        if models.reference is None:
-            raise ValueError("unigrpo with algo.kl_coef > 0 needs batch.models.reference")
         with torch.no_grad():
-            ref = _draw_logprobs(models.reference, batch, draw, cfg)
+            ref = _draw_logprobs(_reference(batch, "unigrpo"), batch, draw, cfg)
     b, n, length = logp.shape
     r = batch.rewards.to(logp.dtype)
     adv = normalize_rewards(r, batch.group_ids, "scale")
@@ -872,21 +901,40 @@ def unigrpo_loss(batch: LossBatch, cfg: AlgoConfig) -> LossOutput:
 def spg_loss(batch: LossBatch, cfg: AlgoConfig) -> LossOutput:
     """SPG: maximise the ELBO of positive-advantage and minimise the EUBO (or its mixture with
     the ELBO, ``algo.spg_mix``) of negative-advantage responses, ``A = r - mean_group r``
-    (:func:`spg_objective`); policy only, no ratio, no reference. Both bounds come from the
+    (:func:`spg_objective`); no ratio. Both bounds come from the
     same ``algo.num_mc_samples`` draws (block-wise with ``algo.masking=block``, SPG's choice),
-    the EUBO with order ``algo.eubo_gamma`` (SPG's beta)."""
+    the EUBO with order ``algo.eubo_gamma`` (SPG's beta).
+
+    With ``algo.kl_coef > 0`` (ours; SPG has no reference term) :func:`spg_anchor` ties the
+    policy to the reference on the same draws: ``- kl_coef * mean_j KL_j``."""
     span = batch.span()
     draw = draw_masks(span, cfg, generator=batch.models.generator, seeds=batch.mask_seeds)
     if cfg.pair_common_masks:
         draw = share_within_pairs(draw, _group_leaders(batch.group_ids), span)
-    lower, upper, coverage = _score(batch.models.policy, batch, draw, cfg, cfg.eubo_gamma)
-    assert upper is not None and coverage is not None
+    logp = _draw_logprobs(batch.models.policy, batch, draw, cfg)
+    lower = elbo_from_logprobs(logp, draw)
+    upper, coverage = eubo_from_logprobs(
+        logp,
+        draw,
+        cfg.eubo_gamma,
+        span,
+        estimator=cfg.eubo_estimator,
+        lower=lower,
+        block_length=cfg.block_length if _blocked(cfg) else None,
+    )
+    n = span.sum(-1).clamp(min=1).to(lower.dtype)
     if cfg.length_normalize:
-        n = batch.span().sum(-1).clamp(min=1).to(lower.dtype)
         lower, upper = lower / n, upper / n
     r = batch.rewards.to(lower.dtype)
     adv = r - group_mean(r, batch.group_ids)
     objective, _ = spg_objective(lower, upper, adv, cfg.spg_mix)
+    anchor: dict[str, float] = {}
+    if cfg.kl_coef > 0:
+        with torch.no_grad():
+            ref = _draw_logprobs(_reference(batch, "spg"), batch, draw, cfg)
+        kl = spg_anchor(logp, ref, draw.masks, 1.0 if cfg.length_normalize else n)
+        objective = objective - cfg.kl_coef * kl.mean()
+        anchor = {"learner/kl": float(kl.detach().mean())}
     metrics = {
         "learner/elbo_policy": float(lower.detach().mean()),
         "learner/eubo_policy": float(upper.detach().mean()),
@@ -894,5 +942,6 @@ def spg_loss(batch: LossBatch, cfg: AlgoConfig) -> LossOutput:
         "learner/negative_share": float((adv < 0).float().mean()),
         "learner/adv_abs_mean": float(adv.abs().mean()),
         "learner/eubo_coverage": float(coverage.mean()),
+        **anchor,
     }
     return LossOutput(-objective, metrics)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -10,7 +11,15 @@ from typing import Any
 import pytest
 
 from bench import repro, sweep
-from bench.localrun import RECORDS, REPO, Job, done_keys, read_records, run_one
+from bench.localrun import (
+    RECORDS,
+    REPO,
+    Job,
+    done_keys,
+    make_offline_dataset,
+    read_records,
+    run_one,
+)
 
 TUNED = {a: {"overrides": [f"learner.lr={i}e-4"], "validation_accuracy": 0.3} for i, a in
          enumerate(repro.ONLINE, 1)}  # fmt: skip
@@ -55,6 +64,21 @@ def test_plan_runs_every_method_per_seed_with_its_tuned_settings() -> None:
     assert all(s % 3 == 0 for s in stale_c.eval_at) and stale_c.eval_at[-1] == 60
 
 
+def test_plan_offline_runs_on_the_dataset_with_untuned_preference_losses(tmp_path: Path) -> None:
+    data = tmp_path / "offline_base.jsonl"
+    jobs = repro.plan([0], ["offline"], steps=20, eval_every=10, stale_k=[], tuned=TUNED,
+                      offline_data=data, offline_rows=4096)  # fmt: skip
+    assert [j.key for j in jobs] == ["base"] + [f"offline/{a}/seed0" for a in repro.OFFLINE]
+    dpo = next(j for j in jobs if j.key == "offline/dpo/seed0")
+    assert "algo.mode=offline" in dpo.overrides and f"buffer.offline_path={data}" in dpo.overrides
+    assert "buffer.capacity=4096" in dpo.overrides
+    assert "learner.lr=1.0e-4" in dpo.overrides  # not swept: the online sweep's common choice
+    embr_c = next(j for j in jobs if j.key == "offline/embr_c/seed0")
+    assert set(TUNED["embr_c"]["overrides"]) <= set(embr_c.overrides)
+    with pytest.raises(ValueError, match="offline_data"):
+        repro.plan([0], ["offline"], steps=2, eval_every=1, stale_k=[], tuned=TUNED)
+
+
 def test_plan_names_the_command_when_a_method_was_not_swept() -> None:
     with pytest.raises(KeyError, match=r"bench/sweep\.py --algos embr_e"):
         repro.plan(
@@ -66,9 +90,11 @@ def test_every_planned_run_is_a_valid_config(tmp_path: Path) -> None:
     from embr_rl.core.config import load_config
 
     tuned = json.loads(repro.TUNED.read_text()) if repro.TUNED.exists() else None
+    data = tmp_path / "d.jsonl"
     for job in repro.plan(
-        [0], ["online", "stale"], steps=6, eval_every=3, stale_k=[2], tuned=tuned
-    ):
+        [0], ["online", "stale", "offline"], steps=6, eval_every=3, stale_k=[2], tuned=tuned,
+        offline_data=data, offline_rows=128,
+    ):  # fmt: skip
         load_config(str(repro.REPO / "configs" / "demo.yaml"), ["algo.mode=sync", *job.overrides])
 
 
@@ -134,6 +160,21 @@ def test_report_holds_every_table_and_marks_the_claims(tmp_path: Path) -> None:
     assert "**EMBR-C >= EMBR-E** (+10.0 [+10.0, +10.0] points): held." in text
     assert "EMBR > DPO/VRPO offline**: not measurable" in text
     assert "K = 2" in text and "behaviour log-probs" in text
+    out = repro.plot(recs, 0.1, tmp_path / "c.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_offline_table_and_claim(tmp_path: Path) -> None:
+    recs = _records()
+    for seed in range(3):
+        for a, acc in zip(repro.OFFLINE, (0.30, 0.28, 0.20, 0.24), strict=True):
+            recs.append(_rec("offline", a, seed, acc + 0.01 * seed**2, samples=4096))
+    text = repro.build_report(recs, TUNED, [])
+    assert "### Offline: one fixed dataset" in text and "4096 scored rows" in text
+    assert "| DPO-ELBO | 3 | 21.7 [" in text
+    # EMBR-C (best EMBR offline) minus VRPO (the better preference loss): +6 points each seed
+    assert "**EMBR > DPO/VRPO offline** (EMBR-C" in text and "minus VRPO" in text
+    assert ": +6.0 [+6.0, +6.0] points): held." in text
     out = repro.plot(recs, 0.1, tmp_path / "c.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -230,6 +271,29 @@ def test_run_one_trains_evaluates_and_records(tmp_path: Path) -> None:
     path = tmp_path / "r.jsonl"
     path.write_text(json.dumps(rec) + "\n" + json.dumps({"key": "bad", "status": "failed"}) + "\n")
     assert done_keys(path) == {"tiny"} and len(read_records(path)) == 1
+
+
+@pytest.mark.slow
+def test_offline_dataset_round_trips_and_trains_offline(tmp_path: Path) -> None:
+    from buffer.offline import load_offline
+    from embr_rl.core.config import load_config
+    from embr_rl.core.models.loader import load_model
+
+    data = tmp_path / "offline_base.jsonl"
+    assert make_offline_dataset(data, 1) == 128
+    lines = [json.loads(x) for x in data.read_text().splitlines()]
+    assert len({r["prompt_id"] for r in lines}) == 16 and {r["reward"] for r in lines} <= {0.0, 1.0}
+    # the texts encode back to the rollout's ids: every row keeps the window's full width
+    cfg = load_config(str(repro.REPO / "configs" / "demo.yaml"), [])
+    tok = load_model(cfg.model, for_training=False).tokenizer
+    table = load_offline(data, tok, cache_dir=tmp_path / "cache").table
+    assert table.num_rows == 128
+    assert {len(c) for c in table.column("completion_ids").to_pylist()} == {cfg.rollout.gen_length}
+    job = repro._offline_jobs(0, 2, 2, data, 128, lambda a: ["learner.lr=1e-4"])[2]  # dpo
+    rec = run_one(dataclasses.replace(job, eval_limit=4))
+    assert rec["status"] == "done", rec.get("error")
+    assert rec["steps"] == 2 and rec["samples"] == 128 and len(rec["reward_curve"]) == 2
+    assert "learner/dpo_margin" in rec["last_metrics"]
 
 
 def test_run_one_with_no_steps_evaluates_the_base_model() -> None:

@@ -26,6 +26,7 @@ from embr_rl.core.losses import (
     kl_penalty,
     normalize_rewards,
     pair_within_groups,
+    wd1_anchor,
     wd1_objective,
 )
 from embr_rl.core.masking import sample_masks, sample_prompt_mask
@@ -353,6 +354,28 @@ def test_wd1_loss_runs_and_differentiates(tiny_model: torch.nn.Module) -> None:
     assert torch.isfinite(out.loss)
     out.loss.backward()
     assert any(p.grad is not None for p in tiny_model.parameters())
+
+
+def test_wd1_anchor_to_the_reference(tiny_model: torch.nn.Module) -> None:
+    # kl_coef = 0: the paper's wd1, the reference never runs
+    free = get_loss("wd1")(_batch(tiny_model), _cfg("wd1", kl_coef=0.0))
+    assert "learner/kl" not in free.metrics
+    # reference == policy: the anchor is 0 and the loss is the paper's
+    same = get_loss("wd1")(_batch(tiny_model), _cfg("wd1", kl_coef=0.5))
+    assert same.metrics["learner/kl"] == pytest.approx(0.0, abs=1e-9)
+    assert float(same.loss.detach()) == pytest.approx(float(free.loss.detach()), abs=1e-6)
+    # a moved reference: the loss grows by exactly kl_coef * mean_i sum_t k2
+    batch = _batch(tiny_model)
+    with torch.no_grad():
+        for q in batch.models.reference.parameters():
+            q.add_(0.05 * torch.randn_like(q))
+    moved = get_loss("wd1")(batch, _cfg("wd1", kl_coef=0.5))
+    kl = moved.metrics["learner/kl"]
+    assert kl > 1e-4
+    assert float(moved.loss.detach()) == pytest.approx(
+        float(free.loss.detach()) + 0.5 * kl, rel=1e-5
+    )
+    assert float(wd1_anchor(torch.tensor([1.0, 3.0]), 0.25)) == pytest.approx(0.5)
 
 
 def test_vrpo_shares_masks_dpo_does_not(tiny_model: torch.nn.Module) -> None:

@@ -11,6 +11,7 @@ import torch
 from embr_toys import JointModel, exact_elbo, exact_eubo, subset_table
 
 from embr_rl.core.config import AlgoConfig, ConfigError, load_config
+from embr_rl.core.likelihood import completion_logprobs
 from embr_rl.core.losses import (
     LossBatch,
     LossModels,
@@ -21,6 +22,7 @@ from embr_rl.core.losses import (
     normalize_rewards,
     reference_energies,
     share_within_pairs,
+    spg_anchor,
     spg_objective,
     traits_of,
     unigrpo_token_logprobs,
@@ -113,6 +115,42 @@ def test_spg_loss_is_the_objective_on_the_rows_seeded_draws(tiny_model: torch.nn
     out.loss.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in tiny_model.parameters())
     assert out.metrics["learner/negative_share"] == pytest.approx(0.5)
+
+
+def test_spg_anchor_is_the_masked_token_k2_on_the_same_draws(tiny_model: torch.nn.Module) -> None:
+    cfg = _cfg("spg", num_mc_samples=2, pair_common_masks=False)
+    batch = _batch(tiny_model)
+    free = get_loss("spg")(batch, dataclasses.replace(cfg, kl_coef=0.0))
+    assert "learner/kl" not in free.metrics
+    # the reference is the policy: the anchor is 0 on common draws
+    same = get_loss("spg")(batch, dataclasses.replace(cfg, kl_coef=0.5))
+    assert same.metrics["learner/kl"] == pytest.approx(0.0, abs=1e-9)
+    assert float(same.loss.detach()) == pytest.approx(float(free.loss.detach()), rel=1e-6)
+    with torch.no_grad():
+        for prm in batch.models.reference.parameters():
+            prm.add_(0.3 * torch.randn_like(prm))
+    moved = get_loss("spg")(batch, dataclasses.replace(cfg, kl_coef=0.5))
+    # by hand: the rows' seeded draws, both models' token log-probs on them
+    draw = draw_masks(batch.span(), cfg, seeds=batch.mask_seeds)
+    with torch.no_grad():
+        lp, lr = (
+            completion_logprobs(
+                model, batch.prompt_ids, batch.completion_ids, draw.input_masks(), mask_id=MASK_ID
+            )
+            for model in (batch.models.policy, batch.models.reference)
+        )
+    m = draw.masks.float()
+    per_draw = (0.5 * (lp - lr) ** 2 * m).sum(-1) / m.sum(-1)
+    want = per_draw.mean(-1) * batch.span().sum(-1)
+    assert float(want.mean()) > 1e-3
+    assert moved.metrics["learner/kl"] == pytest.approx(float(want.mean()), rel=1e-4)
+    assert torch.allclose(spg_anchor(lp, lr, draw.masks, batch.span().sum(-1)), want)
+    assert float(moved.loss.detach()) == pytest.approx(
+        float(free.loss.detach()) + 0.5 * float(want.mean()), rel=1e-4
+    )
+    no_ref = dataclasses.replace(batch, models=dataclasses.replace(batch.models, reference=None))
+    with pytest.raises(ValueError, match="reference"):
+        get_loss("spg")(no_ref, dataclasses.replace(cfg, kl_coef=0.5))
 
 
 def test_spg_scores_a_group_on_its_first_rows_masks(tiny_model: torch.nn.Module) -> None:
@@ -228,3 +266,6 @@ def test_traits_and_the_modes_they_allow() -> None:
         load_config(None, ["algo.name=spg", "rollout.score_reference=true"])
     with pytest.raises(ConfigError, match=r"algo\.spg_mix"):
         load_config(None, ["algo.name=spg", "algo.spg_mix=1.5"])
+    with pytest.raises(ConfigError, match=r"algo\.kl_estimator.*'k2'"):
+        load_config(None, ["algo.name=spg", "algo.kl_estimator=k3"])
+    assert load_config(None, ["algo.name=spg", "algo.kl_estimator=k2"]).algo.kl_estimator == "k2"
