@@ -33,6 +33,7 @@ from embr_rl.core.losses import (
     d1_token_logprobs,
     reference_energies,
     traits_of,
+    unigrpo_token_logprobs,
 )
 from embr_rl.core.masking import span_mask
 from embr_rl.core.models.tokenizer import decode_completions
@@ -60,34 +61,105 @@ def _left_padded(
     return prompt, attn, full
 
 
-class BehaviourScorer:
-    """The sampling policy's per-token log-probs of its own completions, scored right after
-    decoding with the learner's d1 estimator (:func:`embr_rl.core.losses.d1_token_logprobs`, no
-    prompt masking), so the learner's ratio ``pi_theta / pi_behaviour`` is 1 on fresh rows."""
+def row_mask_seeds(base: int, num_groups: int, group_size: int, *, share: bool) -> list[int]:
+    """One likelihood-mask seed per row of a batch (``base``: the batch's sampling seed),
+    shared by a group's rows when ``share`` (``algo.pair_common_masks``), else one per row."""
+    base = base % (1 << 40)
+    return [
+        ((base << 12) + g) << 8 | (0 if share else j)
+        for g in range(num_groups)
+        for j in range(group_size)
+    ]
 
-    def __init__(self, algo: Any, *, mask_id: int, pad_id: int) -> None:
+
+def _scoring_batch(
+    model: torch.nn.Module,
+    prompts: Sequence[Sequence[int]],
+    completions: torch.Tensor,
+    seeds: Sequence[int],
+    algo: Any,
+    *,
+    mask_id: int,
+    pad_id: int,
+    eos_id: int | None,
+    stop_ids: Sequence[int],
+) -> LossBatch:
+    """The rows as the learner will see them (left-padded prompts, the algo's span, seeded
+    draws), scored by ``model``."""
+    prompt, attn, _ = _left_padded(prompts, completions, pad_id)
+    valid = torch.ones_like(completions, dtype=torch.bool)
+    span = span_mask(
+        completions, span=algo.likelihood_span, eos_id=eos_id, stop_ids=stop_ids, valid=valid
+    )
+    return LossBatch(
+        prompt_ids=prompt,
+        completion_ids=completions,
+        rewards=torch.zeros(completions.shape[0]),
+        group_ids=torch.zeros(completions.shape[0], dtype=torch.long),
+        models=LossModels(policy=model, mask_id=mask_id),
+        prompt_attention_mask=attn,
+        completion_mask=None if bool(span.all()) else span,
+        mask_seeds=torch.tensor(list(seeds), dtype=torch.long),
+    )
+
+
+class BehaviourScorer:
+    """The sampling policy's log-probs of its own completions, scored right after decoding
+    with the learner's estimator, so the learner's ratio ``pi_theta / pi_behaviour`` is 1 on
+    fresh rows: d1's one-step per-token log-probs
+    (:func:`embr_rl.core.losses.d1_token_logprobs`, no prompt masking), or, for UniGRPO
+    (``seeded``), the per-token log-probs of each of its ``algo.num_mc_samples`` draws on the
+    row's seeded masks (:func:`embr_rl.core.losses.unigrpo_token_logprobs`), flattened."""
+
+    def __init__(
+        self,
+        algo: Any,
+        *,
+        mask_id: int,
+        pad_id: int,
+        eos_id: int | None = None,
+        stop_ids: Sequence[int] = (),
+    ) -> None:
         self.algo = algo
         self.mask_id = mask_id
         self.pad_id = pad_id
+        self.eos_id = eos_id
+        self.stop_ids = tuple(stop_ids)
+        self.seeded = algo.name == "unigrpo"
 
     @torch.no_grad()
     def __call__(
-        self, model: torch.nn.Module, prompts: Sequence[Sequence[int]], completions: torch.Tensor
+        self,
+        model: torch.nn.Module,
+        prompts: Sequence[Sequence[int]],
+        completions: torch.Tensor,
+        seeds: Sequence[int] | None = None,
     ) -> list[list[float]]:
-        """One list of ``completions.shape[1]`` log-probs per row (prompts left-padded)."""
-        prompt, _, full = _left_padded(prompts, completions, self.pad_id)
+        """One list per row: ``completions.shape[1]`` log-probs, or ``n`` times that when
+        ``seeded`` (then ``seeds``, the rows' ``mask_seed``, are required)."""
         was_training = model.training
         model.eval()
         try:
-            logp = d1_token_logprobs(
-                model,
-                prompt,
-                completions,
-                self.algo,
-                mask_id=self.mask_id,
-                attention_mask=full,
-                prompt_masks=torch.zeros_like(prompt, dtype=torch.bool),
-            )
+            if self.seeded:
+                if seeds is None:
+                    raise ValueError("unigrpo's behaviour log-probs need the rows' mask seeds")
+                batch = _scoring_batch(
+                    model, prompts, completions, seeds, self.algo, mask_id=self.mask_id,
+                    pad_id=self.pad_id, eos_id=self.eos_id, stop_ids=self.stop_ids,
+                )  # fmt: skip
+                logp, _ = unigrpo_token_logprobs(batch, self.algo, model)
+                logp = logp.reshape(logp.shape[0], -1)
+            else:
+                prompt, _, full = _left_padded(prompts, completions, self.pad_id)
+                logp = d1_token_logprobs(
+                    model,
+                    prompt,
+                    completions,
+                    self.algo,
+                    mask_id=self.mask_id,
+                    attention_mask=full,
+                    prompt_masks=torch.zeros_like(prompt, dtype=torch.bool),
+                )
         finally:
             model.train(was_training)
         return logp.float().cpu().tolist()
@@ -121,38 +193,17 @@ class ReferenceScorer:
     def seeds(self, base: int, num_groups: int, group_size: int) -> list[int]:
         """One seed per row: shared by a group's rows with ``algo.pair_common_masks`` (pairs
         then share their draws), else one per row; ``base`` is the batch's sampling seed."""
-        base = base % (1 << 40)
-        share = self.algo.pair_common_masks
-        return [
-            ((base << 12) + g) << 8 | (0 if share else j)
-            for g in range(num_groups)
-            for j in range(group_size)
-        ]
+        return row_mask_seeds(base, num_groups, group_size, share=self.algo.pair_common_masks)
 
     @torch.no_grad()
     def __call__(
         self, prompts: Sequence[Sequence[int]], completions: torch.Tensor, seeds: Sequence[int]
     ) -> list[list[float]]:
         """``[ELBO]``, or ``[ELBO, EUBO]`` when the loss uses the EUBO, per row."""
-        prompt, attn, _ = _left_padded(prompts, completions, self.pad_id)
-        valid = torch.ones_like(completions, dtype=torch.bool)
-        span = span_mask(
-            completions,
-            span=self.algo.likelihood_span,
-            eos_id=self.eos_id,
-            stop_ids=self.stop_ids,
-            valid=valid,
-        )
-        batch = LossBatch(
-            prompt_ids=prompt,
-            completion_ids=completions,
-            rewards=torch.zeros(completions.shape[0]),
-            group_ids=torch.zeros(completions.shape[0], dtype=torch.long),
-            models=LossModels(policy=self.reference, mask_id=self.mask_id),
-            prompt_attention_mask=attn,
-            completion_mask=None if bool(span.all()) else span,
-            mask_seeds=torch.tensor(list(seeds), dtype=torch.long),
-        )
+        batch = _scoring_batch(
+            self.reference, prompts, completions, seeds, self.algo, mask_id=self.mask_id,
+            pad_id=self.pad_id, eos_id=self.eos_id, stop_ids=self.stop_ids,
+        )  # fmt: skip
         lower, upper = reference_energies(batch, self.algo, upper=self.upper)
         terms = lower[:, None] if upper is None else torch.stack([lower, upper], dim=1)
         return terms.double().cpu().tolist()
@@ -252,7 +303,11 @@ class RolloutWorker:
             worker_id=worker_id,
             seed=cfg.seed if seed is None else seed,
             behaviour=BehaviourScorer(
-                cfg.algo, mask_id=loaded.mask_token_id, pad_id=loaded.pad_token_id
+                cfg.algo,
+                mask_id=loaded.mask_token_id,
+                pad_id=loaded.pad_token_id,
+                eos_id=loaded.eos_token_id,
+                stop_ids=loaded.stop_token_ids,
             )
             if r.record_logprobs
             else None,
@@ -359,9 +414,20 @@ class RolloutWorker:
             ]
             behaviour: list[list[float]] | None = None
             t_behaviour = 0.0
+            row_seeds: list[int] | None = None
             if self.behaviour is not None:
                 t1 = time.perf_counter()
-                behaviour = self.behaviour(self.engine.model, repeated, out.completion_ids)  # type: ignore[attr-defined]
+                if self.behaviour.seeded:
+                    # UniGRPO draws one set of masks per row (no pair sharing)
+                    row_seeds = row_mask_seeds(
+                        self.seed * 1_000_003 + batch, len(problems), self.group_size, share=False
+                    )
+                behaviour = self.behaviour(
+                    self.engine.model,  # type: ignore[attr-defined]
+                    repeated,
+                    out.completion_ids,
+                    row_seeds,
+                )
                 t_behaviour = time.perf_counter() - t1
             cached: tuple[list[int], list[list[float]]] | None = None
             t_reference = 0.0
@@ -396,6 +462,8 @@ class RolloutWorker:
             )
             if behaviour is not None:
                 rows[-1]["behaviour_logp"] = behaviour[i]
+            if row_seeds is not None:
+                rows[-1]["mask_seed"] = row_seeds[i]
             if cached is not None:
                 rows[-1]["mask_seed"] = cached[0][i]
                 rows[-1]["ref_energies"] = cached[1][i]

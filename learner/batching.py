@@ -115,15 +115,24 @@ def _reference_cache(
 def _behaviour_logp(
     table: pa.Table, lengths: np.ndarray, width: int, prompt_shape: tuple[int, ...]
 ) -> tuple[Tensor | None, Tensor | None]:
-    """The recorded behaviour log-probs [B, L] with the (empty) prompt masks they were scored
-    with, when every row has one per completion token; otherwise ``(None, None)`` (d1 then
-    takes the current policy as the old one)."""
-    if "behaviour_logp" not in table.column_names:
+    """The recorded behaviour log-probs with the (empty) prompt masks they were scored with:
+    [B, L] (d1: one per completion token) when every row has one per token, [B, n * L]
+    (UniGRPO: one per token of each of its ``n`` seeded draws, the loss reshapes) when every
+    row is ``width`` wide and has ``n * width`` of them; otherwise ``(None, None)`` (the loss
+    then takes the current policy as the old one)."""
+    if "behaviour_logp" not in table.column_names or not len(lengths) or width == 0:
         return None, None
-    logp, recorded = token_matrix(table, "behaviour_logp", length=width, dtype=np.float32)
-    if not len(lengths) or not (recorded == lengths).all() or not (lengths > 0).all():
+    logp, recorded = token_matrix(table, "behaviour_logp", dtype=np.float32)
+    zeros = torch.zeros(prompt_shape, dtype=torch.bool)
+    if not (lengths > 0).all():
         return None, None
-    return torch.from_numpy(logp), torch.zeros(prompt_shape, dtype=torch.bool)
+    if (recorded == lengths).all():
+        return torch.from_numpy(np.ascontiguousarray(logp[:, :width])), zeros
+    per_row = int(recorded[0])
+    full = (lengths == width).all() and (recorded == per_row).all()
+    if full and per_row > 0 and per_row % width == 0:
+        return torch.from_numpy(logp), zeros
+    return None, None
 
 
 def pairs_to_batch(

@@ -594,16 +594,16 @@ def _check_relations(cfg: Config) -> None:  # noqa: C901, PLR0912  (one independ
             "'k2' (SPG's anchor is k2 of the sequence ELBO log-ratio; k3 = e^d - d - 1 of a "
             "sequence log-ratio of tens of nats overflows)"
         )
-    if cfg.algo.name == "unigrpo" and (
-        cfg.algo.inner_iterations > 1 or cfg.rollout.record_logprobs
+    if (
+        cfg.algo.name == "unigrpo"
+        and cfg.algo.inner_iterations > 1
+        and not cfg.rollout.record_logprobs
     ):
-        key = (
-            "algo.inner_iterations" if cfg.algo.inner_iterations > 1 else "rollout.record_logprobs"
-        )
         raise ConfigError(
-            f"bad value for '{key}' with algo.name='unigrpo'; allowed: algo.inner_iterations=1 "
-            "and rollout.record_logprobs=false (UniGRPO's ratio would need the sampling "
-            "policy's log-probs on its own random masks, which the workers do not score)"
+            f"bad value for 'algo.inner_iterations': {cfg.algo.inner_iterations} with "
+            "algo.name='unigrpo' and rollout.record_logprobs=false; allowed: 1, or set "
+            "rollout.record_logprobs=true (UniGRPO's ratio against the sampling policy needs "
+            "its log-probs on the rows' seeded masks, recorded at rollout time)"
         )
     if cfg.rollout.record_logprobs:
         if cfg.rollout.engine != "torch":

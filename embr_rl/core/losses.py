@@ -712,6 +712,11 @@ def _d1_token_logps(
         )
 
     logp = token_logps(models.policy)
+    if batch.old_token_logp is not None and batch.old_token_logp.shape != logp.shape:
+        raise ValueError(
+            f"behaviour log-probs of shape {tuple(batch.old_token_logp.shape)} for a d1-style "
+            f"loss; expected {tuple(logp.shape)} (one per completion token)"
+        )
     old = batch.old_token_logp if batch.old_token_logp is not None else logp.detach()
     ref = None
     if with_ref and models.reference is not None:
@@ -832,6 +837,24 @@ def spg_objective(
     return (advantages * surrogate).mean(), surrogate
 
 
+def _unigrpo_behaviour(batch: LossBatch, logp: Tensor) -> Tensor:
+    """The old log-probs of UniGRPO's ratio, shaped like ``logp`` [B, n, L]."""
+    if batch.old_token_logp is None:
+        return logp.detach()
+    if batch.mask_seeds is None:
+        raise ValueError(
+            "unigrpo's recorded behaviour log-probs need batch.mask_seeds: they were scored on "
+            "the rows' seeded draws"
+        )
+    if batch.old_token_logp.numel() != logp.numel():
+        raise ValueError(
+            f"unigrpo's behaviour log-probs have shape {tuple(batch.old_token_logp.shape)}; "
+            f"expected {tuple(logp.shape)} (rows x algo.num_mc_samples draws x completion "
+            "length, as rollout.record_logprobs scores them)"
+        )
+    return batch.old_token_logp.reshape(logp.shape).to(logp.dtype)
+
+
 def spg_anchor(logp: Tensor, ref_logp: Tensor, masks: Tensor, scale: Tensor | float) -> Tensor:
     """Our reference anchor for SPG [B]: per draw the mean k2 ``(log pi - log pi_ref)^2 / 2``
     over its masked tokens (as UniGRPO's KL term, with no ``1/t`` weights), averaged over the
@@ -866,8 +889,10 @@ def unigrpo_loss(batch: LossBatch, cfg: AlgoConfig) -> LossOutput:
     ``A = (r - mean_group r) / std_group r``; per draw and masked token
     ``-min(rho A, clip(rho, 1 - eps, 1 + eps) A) + kl_coef * k2`` (``algo.kl_estimator``), averaged over the draw's
     masked tokens (:func:`d1_objective`), then over draws and responses. ``rho`` is to the
-    policy before this step on the same masks (detached: 1 on a fresh batch), and ``k2`` to
-    the frozen reference on the same masks.
+    sampling policy on the same masks: its log-probs recorded at rollout time on the rows'
+    seeded draws (``batch.old_token_logp`` [B, n, L] with ``batch.mask_seeds``, from
+    ``rollout.record_logprobs``), else the current policy's, detached (exact on a fresh batch
+    only); ``k2`` is to the frozen reference on the same masks.
     """
     models = batch.models
     logp, draw = unigrpo_token_logprobs(batch, cfg, models.policy)
@@ -876,12 +901,13 @@ def unigrpo_loss(batch: LossBatch, cfg: AlgoConfig) -> LossOutput:
         with torch.no_grad():
             ref = _draw_logprobs(_reference(batch, "unigrpo"), batch, draw, cfg)
     b, n, length = logp.shape
+    old = _unigrpo_behaviour(batch, logp)
     r = batch.rewards.to(logp.dtype)
     adv = normalize_rewards(r, batch.group_ids, "scale")
     flat = logp.reshape(b * n, length)
     loss, stats = d1_objective(
         flat,
-        flat.detach(),
+        old.reshape(b * n, length),
         None if ref is None else ref.reshape(b * n, length),
         adv.repeat_interleave(n),
         draw.masks.reshape(b * n, length),
@@ -894,6 +920,7 @@ def unigrpo_loss(batch: LossBatch, cfg: AlgoConfig) -> LossOutput:
     metrics["learner/mask_ratio_mean"] = float(
         (draw.masks.sum(-1) / batch.span().sum(-1, keepdim=True).clamp(min=1)).mean()
     )
+    metrics["learner/behaviour_logp"] = float(batch.old_token_logp is not None)
     return LossOutput(loss, metrics)
 
 

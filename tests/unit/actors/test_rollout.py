@@ -282,6 +282,45 @@ def test_after_an_update_d1_takes_its_ratio_to_the_recorded_behaviour_policy(
     assert as_if_fresh.metrics["learner/clip_fraction"] == 0.0
 
 
+def test_unigrpo_records_its_draws_log_probs_and_takes_its_ratio_to_them(
+    model, tokenizer, problems
+) -> None:
+    """UniGRPO's behaviour log-probs are per draw, on masks seeded by the row's ``mask_seed``:
+    on fresh rows the learner's equal them (ratio 1), after an update the ratio moves."""
+    from dataclasses import replace
+
+    from embr_rl.core.config import AlgoConfig
+    from embr_rl.core.losses import LossModels, unigrpo_loss, unigrpo_token_logprobs
+    from learner.batching import TokenIds, rows_to_batch
+
+    algo = AlgoConfig(name="unigrpo", block_length=4, num_mc_samples=2, kl_coef=0.0, clip_eps=0.05)
+    worker = _behaviour_worker(model, tokenizer, algo)
+    table = worker.generate(problems)
+    worker.close()
+    assert all(len(v) == 2 * 8 for v in table.column("behaviour_logp").to_pylist())
+    seeds = table.column("mask_seed").to_pylist()
+    assert min(seeds) >= 0 and len(set(seeds)) == len(seeds)
+    models = LossModels(policy=model, mask_id=tokenizer.mask_token_id)
+    batch = rows_to_batch(table, models, ids=TokenIds(pad_id=tokenizer.pad_token_id))
+    assert batch.old_token_logp is not None and batch.mask_seeds is not None
+    assert tuple(batch.old_token_logp.shape) == (table.num_rows, 16)
+    with torch.no_grad():
+        now, _ = unigrpo_token_logprobs(batch, algo, model)
+    torch.testing.assert_close(
+        now.reshape(table.num_rows, -1), batch.old_token_logp, atol=1e-5, rtol=0
+    )
+    batch = replace(batch, rewards=(torch.arange(len(batch.rewards)) % 2).float())
+    assert unigrpo_loss(batch, algo).metrics["learner/clip_fraction"] == 0.0
+    moved = replace(batch, models=LossModels(policy=copy_with_noise(model), mask_id=models.mask_id))
+    assert unigrpo_loss(moved, algo).metrics["learner/clip_fraction"] > 0.0
+    as_if_fresh = replace(moved, old_token_logp=None)
+    assert unigrpo_loss(as_if_fresh, algo).metrics["learner/clip_fraction"] == 0.0
+    with pytest.raises(ValueError, match="mask_seeds"):
+        unigrpo_loss(replace(moved, mask_seeds=None), algo)
+    with pytest.raises(ValueError, match="expected"):
+        unigrpo_loss(replace(moved, old_token_logp=moved.old_token_logp[:, :8]), algo)
+
+
 def copy_with_noise(model: torch.nn.Module) -> torch.nn.Module:
     import copy
 

@@ -254,10 +254,11 @@ def test_tuned_settings_come_from_the_sweep() -> None:
 
 
 @pytest.mark.slow
-def test_run_one_trains_evaluates_and_records(tmp_path: Path) -> None:
+@pytest.mark.parametrize("algo", ["d1", "unigrpo"])
+def test_run_one_trains_evaluates_and_records(tmp_path: Path, algo: str) -> None:
     job = Job(
         "tiny",
-        ("algo.name=d1", "rollout.prompts_per_batch=2", "rollout.group_size=4",
+        (f"algo.name={algo}", "rollout.prompts_per_batch=2", "rollout.group_size=4",
          "learner.batch_size=8", "learner.micro_batch_size=8", "rollout.record_logprobs=true",
          "algo.inner_iterations=2"),
         steps=2, eval_split="validation", eval_at=(0, 2), eval_limit=4,
