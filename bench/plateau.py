@@ -3,8 +3,8 @@
 ::
 
     .venv/bin/python bench/plateau.py --out bench/records/plateau [--algos embr_c,d1] \\
-        [--seeds 0] [--steps 160] [--eval-every 20] [--tol 1.0]
-    .venv/bin/python bench/plateau.py --out bench/records/plateau --report-only
+        [--seeds 0] [--steps 160] [--eval-every 20] [--tol 1.0] [--write-docs]
+    .venv/bin/python bench/plateau.py --out bench/records/plateau --report-only [--write-docs]
 
 Each method runs at its tuned settings (``bench/tuned.json``, as in the study) for
 ``--steps`` learner steps of 128 rows, evaluated greedily on the 500 validation problems
@@ -12,7 +12,8 @@ Each method runs at its tuned settings (``bench/tuned.json``, as in the study) f
 evaluation step ``s`` after which its mean accuracy over seeds never rises more than
 ``--tol`` points above its accuracy at ``s``; the study's length (``bench/repro.py
 --steps``) is the largest plateau over the methods. Records go to ``<out>/results.jsonl``
-(resumable, like the study's); the table to ``<out>/report.md``.
+(resumable, like the study's); the table to ``<out>/report.md`` and, with ``--write-docs``,
+into docs/results.md between its ``plateau:begin``/``plateau:end`` markers.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.localrun import RECORDS, Job, read_records, run_many
-from bench.repro import LABELS, TUNED, eval_points, tuned_overrides
+from bench.localrun import RECORDS, Job, markers, read_records, run_many, write_block
+from bench.repro import DOCS, LABELS, TUNED, eval_points, tuned_overrides
 
 
 def plan(
@@ -110,6 +111,7 @@ def main() -> None:
     p.add_argument("--tol", type=float, default=1.0, help="points")
     p.add_argument("--processes", type=int, default=2)
     p.add_argument("--report-only", action="store_true")
+    p.add_argument("--write-docs", action="store_true", help="the table into docs/results.md")
     args = p.parse_args()
     results = args.out / "results.jsonl"
     if not args.report_only:
@@ -120,6 +122,8 @@ def main() -> None:
     text = report(read_records(results), args.tol)
     (args.out / "report.md").parent.mkdir(parents=True, exist_ok=True)
     (args.out / "report.md").write_text(text)
+    if args.write_docs:
+        write_block(DOCS, *markers("plateau"), text)
     print(text)
 
 

@@ -198,7 +198,8 @@ def test_write_docs_replaces_only_the_marked_block(tmp_path: Path) -> None:
 
 def test_the_docs_hold_the_markers() -> None:
     text = repro.DOCS.read_text()
-    for begin, end in ((repro.BEGIN, repro.END), sweep.markers("sweep")):
+    blocks = ("sweep", "sweep-baselines", "plateau")
+    for begin, end in ((repro.BEGIN, repro.END), *(sweep.markers(b) for b in blocks)):
         assert text.count(begin) == 1 and text.count(end) == 1
 
 
