@@ -3,7 +3,7 @@
 ::
 
     .venv/bin/python bench/sweep.py --out bench/records/sweep # first: bench/tuned.json
-    .venv/bin/python bench/repro.py --out bench/records/repro [--seeds 0,1,2,3,4] [--steps 60] \\
+    .venv/bin/python bench/repro.py --out bench/records/repro [--seeds 0,1,2,3,4] [--steps 80] \\
         [--settings online,stale,offline] [--stale-k 2] [--offline-rounds 32] [--write-docs]
     .venv/bin/python bench/repro.py --out bench/records/repro --report-only [--write-docs]
 
@@ -608,7 +608,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=RECORDS / "repro")
     p.add_argument("--seeds", default="0,1,2,3,4")
     p.add_argument("--settings", default="online,stale,offline")
-    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--steps", type=int, default=80)
     p.add_argument("--eval-every", type=int, default=15)
     p.add_argument("--stale-k", default="2")
     p.add_argument(
