@@ -308,8 +308,7 @@ class AlgoConfig:
     kl_coef: float = field_(0.04, ge=0)
     # The KL estimate of that anchor (core/losses.py kl_penalty). None: the loss's own, k3 for
     # d1 (its paper's), k2 for UniGRPO (ours: k3's gradient is the forward KL's and spiked on
-    # UniGRPO's masked tokens, docs/results.md), k2 for wd1 (per token) and SPG (of the
-    # sequence ELBO log-ratio; k3 is refused there).
+    # UniGRPO's masked tokens, docs/results.md), k2 for wd1 and SPG (per token; SPG refuses k3).
     kl_estimator: str | None = field_(None, choices=[None, "k3", "k2"])
     micro_batch: int = field_(16, ge=1)
     # EMBR-E: stop c_phi's regression from shaping the policy's features (paper eq. 11 gradient).
@@ -591,8 +590,8 @@ def _check_relations(cfg: Config) -> None:  # noqa: C901, PLR0912  (one independ
     if cfg.algo.name == "spg" and cfg.algo.kl_estimator == "k3":
         raise ConfigError(
             "bad value for 'algo.kl_estimator': 'k3' with algo.name='spg'; allowed: null or "
-            "'k2' (SPG's anchor is k2 of the sequence ELBO log-ratio; k3 = e^d - d - 1 of a "
-            "sequence log-ratio of tens of nats overflows)"
+            "'k2' (SPG's anchor is the per-token k2 on its masked tokens; k3's gradient is the "
+            "forward KL's and spiked on UniGRPO's masked tokens, docs/results.md)"
         )
     if (
         cfg.algo.name == "unigrpo"

@@ -393,7 +393,14 @@ def _score(
     lower = elbo_from_logprobs(logp, draw)
     if gamma is None:
         return lower, None, None
-    upper, coverage = eubo_from_logprobs(
+    return (lower, *_eubo(logp, batch, draw, cfg, gamma, lower))
+
+
+def _eubo(
+    logp: Tensor, batch: LossBatch, draw: MaskDraw, cfg: AlgoConfig, gamma: float, lower: Tensor
+) -> tuple[Tensor, Tensor]:
+    """The EUBO [B] and its coverage [B] from the draws' log-probs (``lower``: their ELBO)."""
+    return eubo_from_logprobs(
         logp,
         draw,
         gamma,
@@ -402,7 +409,6 @@ def _score(
         lower=lower,
         block_length=cfg.block_length if _blocked(cfg) else None,
     )
-    return lower, upper, coverage
 
 
 def draw_masks(
@@ -940,15 +946,7 @@ def spg_loss(batch: LossBatch, cfg: AlgoConfig) -> LossOutput:
         draw = share_within_pairs(draw, _group_leaders(batch.group_ids), span)
     logp = _draw_logprobs(batch.models.policy, batch, draw, cfg)
     lower = elbo_from_logprobs(logp, draw)
-    upper, coverage = eubo_from_logprobs(
-        logp,
-        draw,
-        cfg.eubo_gamma,
-        span,
-        estimator=cfg.eubo_estimator,
-        lower=lower,
-        block_length=cfg.block_length if _blocked(cfg) else None,
-    )
+    upper, coverage = _eubo(logp, batch, draw, cfg, cfg.eubo_gamma, lower)
     n = span.sum(-1).clamp(min=1).to(lower.dtype)
     if cfg.length_normalize:
         lower, upper = lower / n, upper / n
