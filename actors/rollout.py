@@ -107,8 +107,8 @@ class BehaviourScorer:
     """The sampling policy's log-probs of its own completions, scored right after decoding
     with the learner's estimator, so the learner's ratio ``pi_theta / pi_behaviour`` is 1 on
     fresh rows: d1's one-step per-token log-probs
-    (:func:`embr_rl.core.losses.d1_token_logprobs`, no prompt masking), or, for UniGRPO
-    (``seeded``), the per-token log-probs of each of its ``algo.num_mc_samples`` draws on the
+    (:func:`embr_rl.core.losses.d1_token_logprobs`, no prompt masking), or, for UniGRPO and
+    BGPO (``seeded``: per-draw ratios), the per-token log-probs of each of its ``algo.num_mc_samples`` draws on the
     row's seeded masks (:func:`embr_rl.core.losses.unigrpo_token_logprobs`), flattened."""
 
     def __init__(
@@ -125,7 +125,9 @@ class BehaviourScorer:
         self.pad_id = pad_id
         self.eos_id = eos_id
         self.stop_ids = tuple(stop_ids)
-        self.seeded = algo.name == "unigrpo"
+        traits = traits_of(algo.name)
+        self.seeded = traits.draw_ratio
+        self.group_masks = traits.group_masks and bool(algo.pair_common_masks)
 
     @torch.no_grad()
     def __call__(
@@ -142,7 +144,9 @@ class BehaviourScorer:
         try:
             if self.seeded:
                 if seeds is None:
-                    raise ValueError("unigrpo's behaviour log-probs need the rows' mask seeds")
+                    raise ValueError(
+                        f"{self.algo.name}'s behaviour log-probs need the rows' mask seeds"
+                    )
                 batch = _scoring_batch(
                     model, prompts, completions, seeds, self.algo, mask_id=self.mask_id,
                     pad_id=self.pad_id, eos_id=self.eos_id, stop_ids=self.stop_ids,
@@ -418,10 +422,12 @@ class RolloutWorker:
             if self.behaviour is not None:
                 t1 = time.perf_counter()
                 if self.behaviour.seeded:
-                    # UniGRPO draws one set of masks per row (no pair sharing)
+                    # UniGRPO draws one set of masks per row; BGPO a group's rows alike
+                    # (with algo.pair_common_masks), as its learner shares them.
                     row_seeds = row_mask_seeds(
-                        self.seed * 1_000_003 + batch, len(problems), self.group_size, share=False
-                    )
+                        self.seed * 1_000_003 + batch, len(problems), self.group_size,
+                        share=self.behaviour.group_masks,
+                    )  # fmt: skip
                 behaviour = self.behaviour(
                     self.engine.model,  # type: ignore[attr-defined]
                     repeated,

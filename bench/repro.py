@@ -13,7 +13,7 @@ completions), each method with the overrides the validation sweep chose for it
 (``bench/tuned.json``, the same sweep budget for every method), evaluated greedily on the
 500 test problems every ``--eval-every`` steps. The base model is evaluated once.
 
-- ``online`` (paper Table 1): EMBR-E, EMBR-C, EMBR-U, d1 (diffu-GRPO), wd1, UniGRPO, SPG, a
+- ``online`` (paper Table 1): EMBR-E, EMBR-C, EMBR-U, d1 (diffu-GRPO), wd1, UniGRPO, SPG, BGPO, a
   fresh batch per step.
 - ``stale`` (the off-policy claim): each batch reused for ``K + 1`` updates
   (``algo.inner_iterations``), so the last update trains on samples ``K`` versions old.
@@ -74,6 +74,7 @@ LABELS = {
     "wd1": "wd1",
     "unigrpo": "UniGRPO",
     "spg": "SPG (mixture)",
+    "bgpo": "BGPO (our reading)",
     "dpo": "DPO-ELBO",
     "vrpo": "VRPO",
 }

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.localrun import RECORDS, REPO, Job, markers, read_records, run_many, write_block
 
-ALGOS = ("embr_e", "embr_c", "embr_u", "d1", "wd1", "unigrpo", "spg")
+ALGOS = ("embr_e", "embr_c", "embr_u", "d1", "wd1", "unigrpo", "spg", "bgpo")
 STAGE1_LRS = ("1.0e-4", "2.0e-4", "4.0e-4")
 # Stage 2: the knob each algorithm is most sensitive to, two values around its default.
 STAGE2: dict[str, tuple[tuple[str, ...], ...]] = {
@@ -45,6 +45,8 @@ STAGE2: dict[str, tuple[tuple[str, ...], ...]] = {
     # gradient (docs/results.md), so its reference anchor off (ours; 0 is the paper's SPG)
     # and two draws per block with the full EUBO (SPG w/ EUBO).
     "spg": (("algo.kl_coef=0.0",), ("algo.num_mc_samples=8", "algo.spg_mix=1.0")),
+    # BGPO (our reading): its point is many draws per response; and its anchor off (ours).
+    "bgpo": (("algo.kl_coef=0.0",), ("algo.num_mc_samples=8",)),
 }
 TUNED = REPO / "bench" / "tuned.json"
 DOCS = REPO / "docs" / "results.md"

@@ -253,11 +253,26 @@ class LearnerConfig:
     placement_strategy: str = field_("PACK", choices=["PACK", "STRICT_PACK", "SPREAD"])
 
 
+# The reference-KL estimators of d1's, UniGRPO's and wd1's terms (embr_rl.core.losses.kl_penalty).
+KL_ESTIMATORS = ("k3", "k2")
+
+
 @dataclass
 class AlgoConfig:
     name: str = field_(
         "embr_c",
-        choices=["embr_e", "embr_c", "embr_u", "d1", "wd1", "unigrpo", "spg", "dpo", "vrpo"],
+        choices=[
+            "embr_e",
+            "embr_c",
+            "embr_u",
+            "d1",
+            "wd1",
+            "unigrpo",
+            "spg",
+            "bgpo",
+            "dpo",
+            "vrpo",
+        ],
     )
     mode: str = field_("online", choices=["online", "sync", "offline"])
     beta: float = field_(0.05, gt=0)
@@ -309,7 +324,7 @@ class AlgoConfig:
     # The KL estimate of that anchor (core/losses.py kl_penalty). None: the loss's own, k3 for
     # d1 (its paper's), k2 for UniGRPO (ours: k3's gradient is the forward KL's and spiked on
     # UniGRPO's masked tokens, docs/results.md), k2 for wd1 and SPG (per token; SPG refuses k3).
-    kl_estimator: str | None = field_(None, choices=[None, "k3", "k2"])
+    kl_estimator: str | None = field_(None, choices=[None, *KL_ESTIMATORS])
     micro_batch: int = field_(16, ge=1)
     # EMBR-E: stop c_phi's regression from shaping the policy's features (paper eq. 11 gradient).
     energy_head_detach: bool = True
@@ -587,22 +602,19 @@ def _check_relations(cfg: Config) -> None:  # noqa: C901, PLR0912  (one independ
             "rollout.record_logprobs=true (d1's ratio against the sampling policy needs the "
             "behaviour log-probs recorded at rollout time after the first update)"
         )
-    if cfg.algo.name == "spg" and cfg.algo.kl_estimator == "k3":
+    if cfg.algo.name in ("spg", "bgpo") and cfg.algo.kl_estimator == "k3":
         raise ConfigError(
-            "bad value for 'algo.kl_estimator': 'k3' with algo.name='spg'; allowed: null or "
-            "'k2' (SPG's anchor is the per-token k2 on its masked tokens; k3's gradient is the "
-            "forward KL's and spiked on UniGRPO's masked tokens, docs/results.md)"
+            f"bad value for 'algo.kl_estimator': 'k3' with algo.name={cfg.algo.name!r}; "
+            "allowed: null or 'k2' (the SPG/BGPO anchor is the per-token k2 on their masked "
+            "tokens; k3's gradient is the forward KL's and spiked on UniGRPO's masked tokens, "
+            "docs/results.md)"
         )
-    if (
-        cfg.algo.name == "unigrpo"
-        and cfg.algo.inner_iterations > 1
-        and not cfg.rollout.record_logprobs
-    ):
+    if traits.draw_ratio and cfg.algo.inner_iterations > 1 and not cfg.rollout.record_logprobs:
         raise ConfigError(
             f"bad value for 'algo.inner_iterations': {cfg.algo.inner_iterations} with "
-            "algo.name='unigrpo' and rollout.record_logprobs=false; allowed: 1, or set "
-            "rollout.record_logprobs=true (UniGRPO's ratio against the sampling policy needs "
-            "its log-probs on the rows' seeded masks, recorded at rollout time)"
+            f"algo.name={cfg.algo.name!r} and rollout.record_logprobs=false; allowed: 1, or set "
+            "rollout.record_logprobs=true (its ratio against the sampling policy needs the "
+            "behaviour log-probs on the rows' seeded masks, recorded at rollout time)"
         )
     if cfg.rollout.record_logprobs:
         if cfg.rollout.engine != "torch":

@@ -1,7 +1,7 @@
 """EMBR objectives and baselines, one registry: ``loss_fn(batch, cfg) -> LossOutput``.
 
 EMBR-E, EMBR-C, EMBR-U (DESIGN §4.2, paper eqs. 9, 13, 19-21) and the baselines d1
-(diffu-GRPO), wd1, DPO-ELBO and VRPO (DESIGN §4.3). Each loss comes in two layers: a pure
+(diffu-GRPO), wd1, UniGRPO, SPG, BGPO, DPO-ELBO and VRPO (DESIGN §4.3, docs/objectives.md). Each loss comes in two layers: a pure
 tensor *objective* (hand-checkable, used by the toy tests) and a registered ``loss_fn`` that
 computes the likelihood terms with the models carried in ``batch.models``.
 
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from embr_rl.core.config import AlgoConfig
+from embr_rl.core.config import KL_ESTIMATORS, AlgoConfig
 from embr_rl.core.likelihood import (
     blockwise_token_logprobs,
     completion_logprobs,
@@ -41,10 +41,13 @@ __all__ = [
     "LossModels",
     "LossOutput",
     "LossTraits",
+    "bgpo_loss",
+    "bgpo_objective",
     "compute_energies",
     "d1_objective",
     "d1_token_logprobs",
     "dpo_objective",
+    "draw_elbo_terms",
     "draw_masks",
     "embr_c_objective",
     "embr_e_objective",
@@ -155,7 +158,11 @@ class LossTraits:
     ``energies``: scores policy and reference with :func:`compute_energies` on the algo's own
     mask draws (so ``rollout.score_reference`` can score the reference once per row);
     ``upper_bound``: with the EUBO too. ``fresh``: a policy-gradient estimator that needs
-    fresh rollouts although it is not one-step (UniGRPO, SPG).
+    fresh rollouts although it is not one-step (UniGRPO, SPG, BGPO). ``draw_ratio``: its
+    ratio is per mask draw, to the behaviour policy's token log-probs on the rows' seeded
+    draws (UniGRPO, BGPO), which ``rollout.record_logprobs`` records in that shape.
+    ``group_masks``: with ``algo.pair_common_masks`` every row of a group is scored on its
+    first row's masks (SPG, BGPO), so the workers seed a group's rows alike.
     """
 
     family: str
@@ -165,6 +172,8 @@ class LossTraits:
     energies: bool = False
     upper_bound: bool = False
     fresh: bool = False
+    draw_ratio: bool = False
+    group_masks: bool = False
 
     @property
     def needs_fresh_rollouts(self) -> bool:
@@ -273,9 +282,6 @@ def embr_u_bracket(
 def embr_u_objective(s_min: Tensor, s_max: Tensor) -> Tensor:
     """``L_UCM = mean max(S_min^2, S_max^2)`` (DESIGN §4.2, paper eq. 21)."""
     return torch.maximum(s_min**2, s_max**2).mean()
-
-
-KL_ESTIMATORS = ("k3", "k2")
 
 
 def kl_penalty(logp: Tensor, ref_logp: Tensor, estimator: str) -> Tensor:
@@ -825,7 +831,7 @@ def vrpo_loss(batch: LossBatch, cfg: AlgoConfig) -> LossOutput:
     return _dpo(batch, cfg, variance_reduced=True)
 
 
-# --------------------------------------------------------------------------- UniGRPO and SPG
+# --------------------------------------------------------------------------- UniGRPO, SPG, BGPO
 
 
 def spg_objective(
@@ -843,18 +849,18 @@ def spg_objective(
     return (advantages * surrogate).mean(), surrogate
 
 
-def _unigrpo_behaviour(batch: LossBatch, logp: Tensor) -> Tensor:
-    """The old log-probs of UniGRPO's ratio, shaped like ``logp`` [B, n, L]."""
+def _draw_behaviour(batch: LossBatch, logp: Tensor, algo: str) -> Tensor:
+    """The old log-probs of a per-draw ratio (UniGRPO, BGPO), shaped like ``logp`` [B, n, L]."""
     if batch.old_token_logp is None:
         return logp.detach()
     if batch.mask_seeds is None:
         raise ValueError(
-            "unigrpo's recorded behaviour log-probs need batch.mask_seeds: they were scored on "
+            f"{algo}'s recorded behaviour log-probs need batch.mask_seeds: they were scored on "
             "the rows' seeded draws"
         )
     if batch.old_token_logp.numel() != logp.numel():
         raise ValueError(
-            f"unigrpo's behaviour log-probs have shape {tuple(batch.old_token_logp.shape)}; "
+            f"{algo}'s behaviour log-probs have shape {tuple(batch.old_token_logp.shape)}; "
             f"expected {tuple(logp.shape)} (rows x algo.num_mc_samples draws x completion "
             "length, as rollout.record_logprobs scores them)"
         )
@@ -868,6 +874,25 @@ def spg_anchor(logp: Tensor, ref_logp: Tensor, masks: Tensor, scale: Tensor | fl
     m = masks.to(logp.dtype)
     per_draw = (kl_penalty(logp, ref_logp, "k2") * m).sum(-1) / m.sum(-1).clamp(min=1)
     return per_draw.mean(-1) * scale
+
+
+def _anchored(
+    objective: Tensor,
+    batch: LossBatch,
+    cfg: AlgoConfig,
+    draw: MaskDraw,
+    logp: Tensor,
+    span_len: Tensor,
+    algo: str,
+) -> tuple[Tensor, dict[str, float]]:
+    """``objective - kl_coef * mean_j KL_j`` with :func:`spg_anchor` on the policy's draws
+    (SPG, BGPO), and its metric; ``objective`` as it is when ``algo.kl_coef`` is 0."""
+    if cfg.kl_coef <= 0:
+        return objective, {}
+    with torch.no_grad():
+        ref = _draw_logprobs(_reference(batch, algo), batch, draw, cfg)
+    kl = spg_anchor(logp, ref, draw.masks, 1.0 if cfg.length_normalize else span_len)
+    return objective - cfg.kl_coef * kl.mean(), {"learner/kl": float(kl.detach().mean())}
 
 
 def unigrpo_token_logprobs(
@@ -888,7 +913,7 @@ def unigrpo_token_logprobs(
     return logp, draw
 
 
-@register_loss("unigrpo", LossTraits("policy_gradient", fresh=True))
+@register_loss("unigrpo", LossTraits("policy_gradient", fresh=True, draw_ratio=True))
 def unigrpo_loss(batch: LossBatch, cfg: AlgoConfig) -> LossOutput:
     """UniGRPO (MMaDA): GRPO's clipped token objective on randomly masked completions.
 
@@ -907,7 +932,7 @@ def unigrpo_loss(batch: LossBatch, cfg: AlgoConfig) -> LossOutput:
         with torch.no_grad():
             ref = _draw_logprobs(_reference(batch, "unigrpo"), batch, draw, cfg)
     b, n, length = logp.shape
-    old = _unigrpo_behaviour(batch, logp)
+    old = _draw_behaviour(batch, logp, "unigrpo")
     r = batch.rewards.to(logp.dtype)
     adv = normalize_rewards(r, batch.group_ids, "scale")
     flat = logp.reshape(b * n, length)
@@ -930,7 +955,7 @@ def unigrpo_loss(batch: LossBatch, cfg: AlgoConfig) -> LossOutput:
     return LossOutput(loss, metrics)
 
 
-@register_loss("spg", LossTraits("policy_gradient", upper_bound=True, fresh=True))
+@register_loss("spg", LossTraits("policy_gradient", upper_bound=True, fresh=True, group_masks=True))
 def spg_loss(batch: LossBatch, cfg: AlgoConfig) -> LossOutput:
     """SPG: maximise the ELBO of positive-advantage and minimise the EUBO (or its mixture with
     the ELBO, ``algo.spg_mix``) of negative-advantage responses, ``A = r - mean_group r``
@@ -953,13 +978,7 @@ def spg_loss(batch: LossBatch, cfg: AlgoConfig) -> LossOutput:
     r = batch.rewards.to(lower.dtype)
     adv = r - group_mean(r, batch.group_ids)
     objective, _ = spg_objective(lower, upper, adv, cfg.spg_mix)
-    anchor: dict[str, float] = {}
-    if cfg.kl_coef > 0:
-        with torch.no_grad():
-            ref = _draw_logprobs(_reference(batch, "spg"), batch, draw, cfg)
-        kl = spg_anchor(logp, ref, draw.masks, 1.0 if cfg.length_normalize else n)
-        objective = objective - cfg.kl_coef * kl.mean()
-        anchor = {"learner/kl": float(kl.detach().mean())}
+    objective, anchor = _anchored(objective, batch, cfg, draw, logp, n, "spg")
     metrics = {
         "learner/elbo_policy": float(lower.detach().mean()),
         "learner/eubo_policy": float(upper.detach().mean()),
@@ -967,6 +986,63 @@ def spg_loss(batch: LossBatch, cfg: AlgoConfig) -> LossOutput:
         "learner/negative_share": float((adv < 0).float().mean()),
         "learner/adv_abs_mean": float(adv.abs().mean()),
         "learner/eubo_coverage": float(coverage.mean()),
+        **anchor,
+    }
+    return LossOutput(-objective, metrics)
+
+
+def draw_elbo_terms(logp: Tensor, draw: MaskDraw) -> Tensor:
+    """[B, n] one draw's ELBO term each, ``w_k sum_{i masked in z_k} log pi(y_i | x, z_k)``:
+    their mean over draws is :func:`~embr_rl.core.likelihood.elbo_from_logprobs`."""
+    per_draw = torch.where(draw.masks, logp, torch.zeros_like(logp)).sum(-1)
+    return draw.weights.to(logp.dtype) * per_draw
+
+
+def bgpo_objective(delta: Tensor, advantages: Tensor) -> Tensor:
+    """Our reading of BGPO's bound (docs/objectives.md): a lower bound, linear in the draws, of
+    the ELBO-ratio objective ``J = mean_j A_j exp(Delta_j)``, ``Delta_j = mean_k delta_jk``,
+    ``delta_jk = l_theta,jk - l_old,jk`` (:func:`draw_elbo_terms` of policy and behaviour).
+
+    ``A_j >= 0``: ``exp(x) >= 1 + x`` gives ``A_j (1 + mean_k delta_jk)``; ``A_j < 0``: Jensen,
+    ``exp(mean_k delta_jk) <= mean_k exp(delta_jk)``, gives ``A_j mean_k exp(delta_jk)``. Each
+    term depends on one draw, and at ``delta = 0`` (on-policy) value and gradient are ``J``'s.
+    ``delta`` [B, n], ``advantages`` [B]; returns the scalar bound.
+    """
+    positive = advantages * (1.0 + delta.mean(-1))
+    negative = advantages * torch.exp(delta).mean(-1)
+    return torch.where(advantages >= 0, positive, negative).mean()
+
+
+@register_loss("bgpo", LossTraits("policy_gradient", fresh=True, draw_ratio=True, group_masks=True))
+def bgpo_loss(batch: LossBatch, cfg: AlgoConfig) -> LossOutput:
+    """BGPO (our reading, docs/objectives.md): maximise :func:`bgpo_objective` with
+    ``A = r - mean_group r`` on the ``algo.num_mc_samples`` draws of the rows' seeds (with
+    ``algo.pair_common_masks`` a group's rows on its first row's masks, as SPG's).
+
+    The old per-draw terms are the behaviour policy's, from its token log-probs on the same
+    draws recorded at rollout time (``rollout.record_logprobs``), else the current policy's,
+    detached (exact on a fresh batch only). ``algo.length_normalize`` divides each term by the
+    span length. With ``algo.kl_coef > 0`` (ours) :func:`spg_anchor` ties the policy to the
+    reference on the same draws, as for SPG.
+    """
+    span = batch.span()
+    draw = draw_masks(span, cfg, generator=batch.models.generator, seeds=batch.mask_seeds)
+    if cfg.pair_common_masks:
+        draw = share_within_pairs(draw, _group_leaders(batch.group_ids), span)
+    logp = _draw_logprobs(batch.models.policy, batch, draw, cfg)
+    old = _draw_behaviour(batch, logp, "bgpo")
+    n = span.sum(-1).clamp(min=1).to(logp.dtype)
+    scale = n[:, None] if cfg.length_normalize else 1.0
+    delta = (draw_elbo_terms(logp, draw) - draw_elbo_terms(old, draw)) / scale
+    r = batch.rewards.to(logp.dtype)
+    adv = r - group_mean(r, batch.group_ids)
+    objective, anchor = _anchored(bgpo_objective(delta, adv), batch, cfg, draw, logp, n, "bgpo")
+    metrics = {
+        "learner/elbo_policy": float(draw_elbo_terms(logp.detach(), draw).mean()),
+        "learner/log_ratio_mean": float(delta.detach().mean()),
+        "learner/negative_share": float((adv < 0).float().mean()),
+        "learner/adv_abs_mean": float(adv.abs().mean()),
+        "learner/behaviour_logp": float(batch.old_token_logp is not None),
         **anchor,
     }
     return LossOutput(-objective, metrics)

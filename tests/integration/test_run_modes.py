@@ -62,14 +62,14 @@ def _cfg(run_dir: Path, base: Path, *extra: str) -> Config:
 
 
 @pytest.mark.parametrize(
-    "algo", ["embr_e", "embr_c", "embr_u", "d1", "wd1", "unigrpo", "spg", "dpo", "vrpo"]
+    "algo", ["embr_e", "embr_c", "embr_u", "d1", "wd1", "unigrpo", "spg", "bgpo", "dpo", "vrpo"]
 )
 def test_sync_mode_runs_every_algorithm(
     ray_session: object, base_model: Path, tmp_path: Path, algo: str
 ) -> None:
     from embr_rl.run import run
 
-    inner = 1 if algo in ("d1", "unigrpo") else 2
+    inner = 1 if algo in ("d1", "unigrpo", "bgpo") else 2
     # Weights reach the workers and the evaluator through shared memory (adopted, no copy).
     summary = run(
         _cfg(

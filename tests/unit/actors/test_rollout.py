@@ -321,6 +321,41 @@ def test_unigrpo_records_its_draws_log_probs_and_takes_its_ratio_to_them(
         unigrpo_loss(replace(moved, old_token_logp=moved.old_token_logp[:, :8]), algo)
 
 
+def test_bgpo_seeds_a_group_alike_and_its_ratio_is_one_on_fresh_rows(
+    model, tokenizer, problems
+) -> None:
+    """BGPO scores a group's rows on its first row's masks (``algo.pair_common_masks``), so
+    the worker gives a group's rows one ``mask_seed``; the learner's per-draw terms on fresh
+    rows equal the recorded ones (log-ratio 0), after an update they move."""
+    from dataclasses import replace
+
+    from embr_rl.core.config import AlgoConfig
+    from embr_rl.core.losses import LossModels, bgpo_loss
+    from learner.batching import TokenIds, rows_to_batch
+
+    algo = AlgoConfig(name="bgpo", block_length=4, num_mc_samples=2, kl_coef=0.0)
+    worker = _behaviour_worker(model, tokenizer, algo)
+    table = worker.generate(problems)
+    worker.close()
+    seeds = table.column("mask_seed").to_pylist()
+    groups = table.column("prompt_id").to_pylist()
+    assert len(set(seeds)) == len(set(groups)) < len(seeds)
+    assert all(len(v) == 2 * 8 for v in table.column("behaviour_logp").to_pylist())
+    models = LossModels(policy=model, mask_id=tokenizer.mask_token_id)
+    batch = rows_to_batch(table, models, ids=TokenIds(pad_id=tokenizer.pad_token_id))
+    batch = replace(batch, rewards=(torch.arange(len(batch.rewards)) % 2).float())
+    fresh = bgpo_loss(batch, algo).metrics
+    assert fresh["learner/behaviour_logp"] == 1.0
+    assert abs(fresh["learner/log_ratio_mean"]) < 1e-5
+    moved = replace(batch, models=LossModels(policy=copy_with_noise(model), mask_id=models.mask_id))
+    assert abs(bgpo_loss(moved, algo).metrics["learner/log_ratio_mean"]) > 1e-3
+    own = AlgoConfig(name="bgpo", block_length=4, num_mc_samples=2, pair_common_masks=False)
+    worker = _behaviour_worker(model, tokenizer, own)
+    apart = worker.generate(problems).column("mask_seed").to_pylist()
+    worker.close()
+    assert len(set(apart)) == len(apart)
+
+
 def copy_with_noise(model: torch.nn.Module) -> torch.nn.Module:
     import copy
 

@@ -141,7 +141,9 @@ def test_verdict(values: list[float], want: str) -> None:
 def _records() -> list[dict]:
     recs = [_base(0.1)]
     for seed in range(3):
-        for a, acc in zip(repro.ONLINE, (0.2, 0.3, 0.31, 0.25, 0.22, 0.21, 0.23), strict=True):
+        for a, acc in zip(
+            repro.ONLINE, (0.2, 0.3, 0.31, 0.25, 0.22, 0.21, 0.23, 0.24), strict=True
+        ):
             recs.append(_rec("online", a, seed, acc + 0.01 * seed))
         recs.append(_rec("stale", "embr_c", seed, 0.3 + 0.01 * seed, k=2))
         recs.append(_rec("stale", "d1", seed, 0.2 + 0.01 * seed, k=2))
@@ -255,7 +257,7 @@ def test_tuned_settings_come_from_the_sweep() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("algo", ["d1", "unigrpo"])
+@pytest.mark.parametrize("algo", ["d1", "unigrpo", "bgpo"])
 def test_run_one_trains_evaluates_and_records(tmp_path: Path, algo: str) -> None:
     job = Job(
         "tiny",

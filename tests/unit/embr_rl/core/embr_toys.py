@@ -175,3 +175,31 @@ def exact_log_pmix(t: Table) -> float:
     return float(torch.logsumexp(torch.tensor(probs, dtype=torch.float64), 0)) - math.log(
         len(probs)
     )
+
+
+def group_batch(model: nn.Module, mask_id: int, *, seeds: bool = True):
+    """Six rows in two groups of three (rewards 1 0 0 / 1 1 0) of random 4-token prompts and
+    6-token completions, scored by ``model`` against a frozen copy of it as reference, with
+    per-row mask seeds (``seeds``) and a seeded generator: the policy-gradient loss tests' batch."""
+    import copy
+
+    from embr_rl.core.losses import LossBatch, LossModels
+
+    g = torch.Generator().manual_seed(0)
+    b, p, length = 6, 4, 6
+    prompt = torch.randint(2, 30, (b, p), generator=g)
+    prompt[1] = prompt[2] = prompt[0]
+    prompt[4] = prompt[5] = prompt[3]
+    return LossBatch(
+        prompt_ids=prompt,
+        completion_ids=torch.randint(2, 30, (b, length), generator=g),
+        rewards=torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 0.0]),
+        group_ids=torch.tensor([3, 3, 3, 5, 5, 5]),
+        models=LossModels(
+            policy=model,
+            reference=copy.deepcopy(model).requires_grad_(False),
+            mask_id=mask_id,
+            generator=torch.Generator().manual_seed(1),
+        ),
+        mask_seeds=torch.arange(6) * 977 + 5 if seeds else None,
+    )

@@ -3,18 +3,16 @@ its policy gradient at ratio 1, and their wiring (seeded draws, config rules).""
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 
 import pytest
 import torch
-from embr_toys import JointModel, exact_elbo, exact_eubo, subset_table
+from embr_toys import JointModel, exact_elbo, exact_eubo, group_batch, subset_table
 
 from embr_rl.core.config import AlgoConfig, ConfigError, load_config
 from embr_rl.core.likelihood import completion_logprobs
 from embr_rl.core.losses import (
     LossBatch,
-    LossModels,
     _group_leaders,
     draw_masks,
     get_loss,
@@ -36,24 +34,7 @@ def _cfg(name: str, **kw: object) -> AlgoConfig:
 
 
 def _batch(model: torch.nn.Module, *, seeds: bool = True) -> LossBatch:
-    g = torch.Generator().manual_seed(0)
-    b, p, length = 6, 4, 6
-    prompt = torch.randint(2, 30, (b, p), generator=g)
-    prompt[1] = prompt[2] = prompt[0]
-    prompt[4] = prompt[5] = prompt[3]
-    return LossBatch(
-        prompt_ids=prompt,
-        completion_ids=torch.randint(2, 30, (b, length), generator=g),
-        rewards=torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 0.0]),
-        group_ids=torch.tensor([3, 3, 3, 5, 5, 5]),
-        models=LossModels(
-            policy=model,
-            reference=copy.deepcopy(model).requires_grad_(False),
-            mask_id=MASK_ID,
-            generator=torch.Generator().manual_seed(1),
-        ),
-        mask_seeds=torch.arange(6) * 977 + 5 if seeds else None,
-    )
+    return group_batch(model, MASK_ID, seeds=seeds)
 
 
 # --------------------------------------------------------------------------- SPG
