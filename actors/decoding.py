@@ -243,6 +243,42 @@ class _Forward:
         )
         return self._finish(out.logits[:, : end - start], seq)
 
+    def _idx2(self, idx: torch.Tensor) -> torch.Tensor:
+        return torch.cat([idx, idx]) if self.cfg_scale > 0 else idx
+
+    def rows_full(
+        self, x: torch.Tensor, rows: torch.Tensor, idx: torch.Tensor, *, with_cache: bool
+    ) -> tuple[torch.Tensor, Any]:
+        """Logits [R, bl, V] at each row's own block positions ``idx`` [R, bl] from a forward
+        over the whole sequence, and with ``with_cache`` the keys/values of every position."""
+        seq, mask = self._inputs(x, rows)
+        if with_cache:
+            out = self.model(
+                input_ids=seq,
+                attention_mask=mask,
+                position_ids=self.positions[self._rows2(rows)],
+                use_cache=True,
+            )
+        else:
+            out = self.model(input_ids=seq, attention_mask=mask)
+        i = self._idx2(idx)
+        logits = out.logits.gather(1, i[..., None].expand(-1, -1, out.logits.shape[-1]))
+        return self._finish(logits, seq), out.kv_cache if with_cache else None
+
+    def rows_partial(
+        self, x: torch.Tensor, rows: torch.Tensor, idx: torch.Tensor, kv: Any
+    ) -> torch.Tensor:
+        """Logits [R, bl, V] computing only each row's block ``idx`` against the cache ``kv``."""
+        rows2, i = self._rows2(rows), self._idx2(idx)
+        seq = x[rows2].gather(1, i)
+        out = self.model(
+            input_ids=seq,
+            attention_mask=torch.ones_like(seq),
+            position_ids=self.positions[rows2].gather(1, i),
+            kv_cache=kv,
+        )
+        return self._finish(out.logits, seq)
+
 
 def _commit_block(
     block: torch.Tensor,
@@ -416,3 +452,186 @@ def generate(  # noqa: C901, PLR0912, PLR0915  (the block/step schedule and its 
     if stats is not None:
         stats.merge(call_stats)
     return x
+
+
+def _rows_like(kv: Any, rows: int) -> Any:
+    """An all-zero cache shaped like ``kv`` with ``rows`` batch rows (the slots' store)."""
+
+    def blank(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.new_zeros((rows, *t.shape[1:]))
+
+    return type(kv)(
+        [blank(k) for k in kv.keys],
+        [blank(v) for v in kv.values],
+        blank(kv.key_mask),
+        blank(kv.positions),
+        blank(kv.token_ids),
+    )
+
+
+@torch.no_grad()
+def generate_continuous(  # noqa: C901, PLR0912, PLR0915  (the slots' schedule in one loop)
+    model: torch.nn.Module,
+    prompt_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    slots: int,
+    gen_length: int,
+    block_length: int,
+    steps: int,
+    mask_id: int,
+    temperature: float = 0.0,
+    remasking: str = "low_confidence",
+    cfg_scale: float = 0.0,
+    threshold: float | None = None,
+    cache: str | None = None,
+    eos_id: int | None = None,
+    stop_ids: Sequence[int] | None = None,
+    suppress_eos: bool = False,
+    stop_at_eos: bool = False,
+    generator: torch.Generator | None = None,
+    stats: DecodeStats | None = None,
+) -> torch.Tensor:
+    """:func:`generate` with continuous batching: ``slots`` rows decode at once, each at its own
+    block and step; a row that finishes (its last block, or a stop with ``stop_at_eos``)
+    leaves, and the next prompt takes its slot at once. Returns [N, P + gen_length].
+
+    Every row goes through exactly the operations :func:`generate` applies to it (one full
+    forward at the start of each of its blocks, with ``cache="dual"`` recording the
+    keys/values of the positions outside the block, then block-only forwards), so with
+    ``temperature=0`` each row decodes to what :func:`generate` gives it; at a temperature the
+    random draws are taken in another order. ``cache="prefix"`` is not supported (its cached
+    span would differ in length from row to row). Rows never wait for other rows' blocks.
+    """
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    _validate(
+        prompt_ids,
+        attention_mask,
+        gen_length,
+        block_length,
+        steps,
+        mask_id,
+        temperature,
+        remasking,
+        cfg_scale,
+        threshold,
+        cache,
+        vocab,
+    )
+    if slots < 1:
+        raise ValueError(f"slots must be >= 1, got {slots}")
+    if cache == "prefix":
+        raise ValueError(
+            "continuous batching supports cache=None or 'dual', not 'prefix' (the cached prefix "
+            "would have a different length in every slot)"
+        )
+    stops = stop_id_set(eos_id, stop_ids)
+    if (suppress_eos or stop_at_eos) and not stops:
+        raise ValueError("suppress_eos=True and stop_at_eos=True need eos_id or stop_ids")
+    if mask_id in stops:
+        raise ValueError(f"mask_id {mask_id} cannot also be a stop id ({list(stops)})")
+    if cache is not None and not supports_kv_cache(model):
+        warnings.warn(
+            f"{type(model).__name__} has no key/value cache (forward takes no kv_cache, "
+            f"position_ids, use_cache); decoding with cache=None instead of {cache!r}",
+            stacklevel=2,
+        )
+        cache = None
+    t0 = time.perf_counter()
+    call_stats = DecodeStats()
+    n, p = prompt_ids.shape
+    device = prompt_ids.device
+    width = p + gen_length
+    if attention_mask is None:
+        attention_mask = torch.ones_like(prompt_ids)
+    out = torch.full((n, width), mask_id, dtype=torch.long, device=device)
+    out[:, :p] = prompt_ids
+    s = min(slots, n)
+    x = torch.full((s, width), mask_id, dtype=torch.long, device=device)
+    full_mask = torch.zeros((s, width), dtype=torch.long, device=device)
+    fwd = _Forward(
+        model, full_mask, p, mask_id, cfg_scale, stops if suppress_eos else (), call_stats
+    )
+    stop_table = torch.tensor(stops, dtype=torch.long, device=device)
+    blocks = gen_length // block_length
+    per_block = steps // blocks
+    request = torch.full((s,), -1, dtype=torch.long, device=device)
+    block = torch.zeros(s, dtype=torch.long, device=device)
+    step = torch.zeros(s, dtype=torch.long, device=device)
+    schedule = torch.zeros((s, per_block), dtype=torch.long, device=device)
+    offsets = torch.arange(block_length, device=device)
+    everywhere = torch.arange(width, device=device)
+    store: Any = None  # the dual cache of every slot: positions outside its block
+    queued = 0
+
+    def admit(slot: int) -> None:
+        nonlocal queued
+        if queued >= n:
+            request[slot] = -1
+            return
+        x[slot] = mask_id
+        x[slot, :p] = prompt_ids[queued]
+        full_mask[slot, :p] = attention_mask[queued].to(torch.long)
+        full_mask[slot, p:] = 1
+        fwd.positions[slot] = (full_mask[slot].cumsum(-1) - 1).clamp(min=0)
+        request[slot], block[slot], step[slot] = queued, 0, 0
+        queued += 1
+
+    for slot in range(s):
+        admit(slot)
+    while True:
+        rows = (request >= 0).nonzero().squeeze(1)
+        if rows.numel() == 0:
+            break
+        starts = p + block[rows] * block_length
+        idx = starts[:, None] + offsets  # [R, bl]: each row's block
+        fresh = step[rows] == 0
+        if bool(fresh.any()):
+            blk = x[rows[fresh]].gather(1, idx[fresh])
+            schedule[rows[fresh]] = num_transfer_tokens(blk == mask_id, per_block)
+        if cache is None:
+            logits, _ = fwd.rows_full(x, rows, idx, with_cache=False)
+        else:
+            parts: list[tuple[torch.Tensor, torch.Tensor]] = []
+            if bool(fresh.any()):
+                r0, i0 = rows[fresh], idx[fresh]
+                lg, kv = fwd.rows_full(x, r0, i0, with_cache=True)
+                outside = everywhere[None].expand(len(r0), -1)
+                keep = outside[(outside < i0[:, :1]) | (outside > i0[:, -1:])].view(len(r0), -1)
+                kv = kv.gather_positions(fwd._idx2(keep))
+                if store is None:
+                    store = _rows_like(kv, 2 * s if cfg_scale > 0 else s)
+                store.write_rows(torch.cat([r0, r0 + s]) if cfg_scale > 0 else r0, kv)
+                parts.append((fresh.nonzero().squeeze(1), lg))
+            if not bool(fresh.all()):
+                r1, i1 = rows[~fresh], idx[~fresh]
+                both = torch.cat([r1, r1 + s]) if cfg_scale > 0 else r1
+                lg = fwd.rows_partial(x, r1, i1, store.select_rows(both))
+                parts.append(((~fresh).nonzero().squeeze(1), lg))
+            logits = parts[0][1].new_empty((rows.numel(), *parts[0][1].shape[1:]))
+            for where, lg in parts:
+                logits[where] = lg
+        at = step[rows]
+        k = schedule[rows, at.clamp(max=per_block - 1)] * (at < per_block)
+        blk = x[rows].gather(1, idx)
+        blk = _commit_block(blk, logits, k, threshold, mask_id, temperature, remasking, generator)
+        x[rows] = x[rows].scatter(1, idx, blk)
+        step[rows] += 1
+        done = (blk != mask_id).all(1)
+        for j in done.nonzero().squeeze(1).tolist():
+            slot = int(rows[j])
+            ended = stop_at_eos and bool(_ends_in_stops(blk[j : j + 1], stop_table)[0])
+            if ended:
+                x[slot, int(idx[j, -1]) + 1 :] = stops[0]
+            if ended or int(block[slot]) == blocks - 1:
+                out[int(request[slot])] = x[slot]
+                admit(slot)
+            else:
+                block[slot] += 1
+                step[slot] = 0
+
+    call_stats.tokens_committed = n * gen_length
+    call_stats.wall_s = time.perf_counter() - t0
+    if stats is not None:
+        stats.merge(call_stats)
+    return out

@@ -294,7 +294,9 @@ class RolloutWorker:
             loaded = load_model(cfg.model)
             loaded.model = for_inference(loaded.model, cfg.model.lora)
         engine = build_engine(
-            r.engine, loaded=loaded, max_batch_size=r.prompts_per_batch * r.group_size
+            r.engine,
+            loaded=loaded,
+            max_batch_size=r.max_batch_size or r.prompts_per_batch * r.group_size,
         )
         kwargs = dict(
             group_size=r.group_size,

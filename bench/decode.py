@@ -8,12 +8,15 @@ demo's length (32, block 8, 16 steps) and at 128/256 (block 32, steps = length /
 protocol). Part 2 times the native LLaDA implementation with random weights in LLaDA-8B's shape
 scaled down to fit a CPU (head dim 128, FFN 3x hidden, vocabulary scaled down too). Modes run round-robin and the
 median wall time of ``--repeats`` runs is kept; every ratio is against exact mode in the
-same run. "agree" is the share of completions identical to exact mode's.
+same run. "agree" is the share of completions identical to exact mode's. ``+cont`` decodes
+all of a length's problems through ``--batch`` slots with continuous batching
+(``actors.decoding.generate_continuous``) instead of in chunks of ``--batch``.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 from collections.abc import Callable
@@ -24,7 +27,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from actors.decoding import DecodeStats, generate  # noqa: E402
+from actors.decoding import DecodeStats, generate, generate_continuous  # noqa: E402
 
 MODES: dict[str, dict] = {
     "exact": {},
@@ -35,9 +38,24 @@ MODES: dict[str, dict] = {
     "thr0.9+dual": {"threshold": 0.9, "cache": "dual"},
     "thr0.9+prefix+eos": {"threshold": 0.9, "cache": "prefix", "stop_at_eos": True},
     "thr0.9+dual+eos": {"threshold": 0.9, "cache": "dual", "stop_at_eos": True},
+    # Continuous batching: all problems through --batch slots (demo model only).
+    "thr0.9+dual+eos+cont": {
+        "threshold": 0.9,
+        "cache": "dual",
+        "stop_at_eos": True,
+        "continuous": True,
+    },
 }
 
-LONG_MODES = ["exact", "prefix", "dual", "thr0.9+prefix", "thr0.9+dual", "thr0.9+dual+eos"]
+LONG_MODES = [
+    "exact",
+    "prefix",
+    "dual",
+    "thr0.9+prefix",
+    "thr0.9+dual",
+    "thr0.9+dual+eos",
+    "thr0.9+dual+eos+cont",
+]
 
 
 def default_model() -> Path:
@@ -130,11 +148,18 @@ def bench_demo(args: argparse.Namespace) -> None:
             block: int = block,
             steps: int = steps,
             chunks: list = chunks,
+            width: int = width,
+            n: int = n,
         ):
             stats = DecodeStats()
             outputs: list[str] = []
-            for ids, mask in chunks:
-                out = generate(
+            mode = dict(mode)
+            decode, parts = generate, chunks
+            if mode.pop("continuous", False):
+                decode = functools.partial(generate_continuous, slots=width)
+                parts = [encode_prompts(loaded.tokenizer, texts[:n])]
+            for ids, mask in parts:
+                out = decode(
                     loaded.model,
                     ids,
                     mask,

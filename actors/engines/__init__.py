@@ -49,6 +49,7 @@ class DecodeOptions:
     cache: str | None = None
     suppress_eos: bool = False
     stop_at_eos: bool = False
+    continuous_batching: bool = False
 
     @classmethod
     def from_config(cls, cfg: Any, **overrides: Any) -> DecodeOptions:

@@ -1,13 +1,15 @@
-"""The built-in PyTorch rollout engine: :func:`actors.decoding.generate` in batches."""
+"""The built-in PyTorch rollout engine: :func:`actors.decoding.generate` in batches, or
+:func:`actors.decoding.generate_continuous` over slots (``continuous_batching``)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from functools import partial
 from typing import Any
 
 import torch
 
-from actors.decoding import DecodeStats, generate
+from actors.decoding import DecodeStats, generate, generate_continuous
 from actors.engines import DecodeOptions, EngineOutput, register_engine
 from embr_rl.core.models.tokenizer import left_pad
 from embr_rl.core.transport import (
@@ -22,7 +24,9 @@ class TorchEngine:
     """Decodes with the built-in confidence-based decoder on the model's own device.
 
     Prompts are decoded ``max_batch_size`` at a time (the left padding of a chunk is its
-    longest prompt). ``seed`` seeds one generator per call, so a call is reproducible.
+    longest prompt); with ``options.continuous_batching`` all of a call's prompts share
+    ``max_batch_size`` slots instead, a finished row's slot taken by the next prompt at once
+    (:func:`~actors.decoding.generate_continuous`). ``seed`` seeds one generator per call, so a call is reproducible.
     ``eos_id`` and ``stop_ids`` (end-of-turn ids) are the stop ids of ``suppress_eos`` and
     ``stop_at_eos``; the fill after a stop is ``eos_id``.
     """
@@ -67,11 +71,15 @@ class TorchEngine:
         was_training = self.model.training
         self.model.eval()
         outs: list[torch.Tensor] = []
+        chunk = len(prompts) if options.continuous_batching else self.max_batch_size
         try:
-            for i in range(0, len(prompts), self.max_batch_size):
-                ids, mask = left_pad(prompts[i : i + self.max_batch_size], self.pad_id)
+            for i in range(0, len(prompts), max(chunk, 1)):
+                ids, mask = left_pad(prompts[i : i + chunk], self.pad_id)
                 ids, mask = ids.to(device), mask.to(device)
-                out = generate(
+                decode = generate
+                if options.continuous_batching:
+                    decode = partial(generate_continuous, slots=self.max_batch_size)
+                out = decode(
                     self.model,
                     ids,
                     mask,

@@ -151,6 +151,12 @@ class RolloutConfig:
     suppress_eos: bool = False
     # Fast mode: a row whose finished block is all EOS gets EOS to the end and stops decoding.
     stop_at_eos: bool = False
+    # Continuous batching (torch engine): a worker's rows share max-batch slots, each at its
+    # own block; a finished row's slot takes the next prompt at once (docs/decoding.md).
+    continuous_batching: bool = False
+    # Rows one decoder forward holds at most (the slots with continuous batching); None: the
+    # whole batch, prompts_per_batch * group_size.
+    max_batch_size: int | None = field_(None, ge=1)
     # Ray restarts a dead worker this many times (it then gets the current weights again).
     max_restarts: int = field_(3, ge=0)
     # Store the sampling policy's per-token log-probs with every row (d1's one-step estimate,
@@ -615,6 +621,15 @@ def _check_relations(cfg: Config) -> None:  # noqa: C901, PLR0912  (one independ
             f"algo.name={cfg.algo.name!r} and rollout.record_logprobs=false; allowed: 1, or set "
             "rollout.record_logprobs=true (its ratio against the sampling policy needs the "
             "behaviour log-probs on the rows' seeded masks, recorded at rollout time)"
+        )
+    if cfg.rollout.continuous_batching and (
+        cfg.rollout.engine != "torch" or cfg.rollout.cache == "prefix"
+    ):
+        raise ConfigError(
+            "bad value for 'rollout.continuous_batching': true with rollout.engine="
+            f"{cfg.rollout.engine!r} and rollout.cache={cfg.rollout.cache!r}; allowed: false, or "
+            "rollout.engine='torch' with rollout.cache null or 'dual' (the cached prefix would "
+            "differ in length from slot to slot; other engines schedule their own batches)"
         )
     if cfg.rollout.record_logprobs:
         if cfg.rollout.engine != "torch":

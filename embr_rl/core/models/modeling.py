@@ -119,6 +119,38 @@ class KVCache:
             None if self.token_ids is None else self.token_ids[rows],
         )
 
+    def gather_positions(self, index: torch.Tensor) -> KVCache:
+        """Keep, per row ``b``, the cached positions ``index[b]`` (``index`` [B, K]): the rows
+        of a continuous batch sit at different blocks, so each keeps its own."""
+
+        def per_row(t: torch.Tensor) -> torch.Tensor:  # [B, H, S, D] -> [B, H, K, D]
+            i = index[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[3])
+            return t.gather(2, i)
+
+        def flat(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.gather(1, index)
+
+        mask = flat(self.key_mask)
+        assert mask is not None
+        return KVCache(
+            [per_row(k) for k in self.keys],
+            [per_row(v) for v in self.values],
+            mask,
+            flat(self.positions),
+            flat(self.token_ids),
+        )
+
+    def write_rows(self, rows: torch.Tensor, other: KVCache) -> None:
+        """Overwrite, in place, the batch rows ``rows`` with ``other``'s (same positions count)."""
+        for mine, theirs in zip(
+            [*self.keys, *self.values], [*other.keys, *other.values], strict=True
+        ):
+            mine[rows] = theirs.to(mine.dtype)
+        self.key_mask[rows] = other.key_mask.to(self.key_mask.dtype)
+        for a, b in ((self.positions, other.positions), (self.token_ids, other.token_ids)):
+            if a is not None and b is not None:
+                a[rows] = b.to(a.dtype)
+
     def cat(self, other: KVCache) -> KVCache:
         """Concatenate two caches along the position axis."""
 

@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-from actors.decoding import DecodeStats, generate, num_transfer_tokens
+from actors.decoding import DecodeStats, generate, generate_continuous, num_transfer_tokens
 from tests.conftest import TINY_MASK_ID, TINY_VOCAB, build_tiny_model
 
 
@@ -547,3 +547,77 @@ def test_a_lora_wrapped_model_keeps_its_cache(sharp_model) -> None:
         warnings.simplefilter("error")
         generate(wrapped, ids, mask, cache="dual", stats=fast, **kw)
     assert fast.positions_computed < exact.positions_computed
+
+
+# --------------------------------------------------------------------------- continuous batching
+
+
+def _seven_prompts() -> tuple[torch.Tensor, torch.Tensor]:
+    """Seven left-padded prompts of lengths 1 to 6."""
+    lengths = torch.tensor([3, 6, 1, 5, 2, 6, 4])
+    mask = (torch.arange(6)[None] >= (6 - lengths)[:, None]).long()
+    ids = (torch.arange(7 * 6).reshape(7, 6) % 25 + 2) * mask
+    return ids, mask
+
+
+@pytest.mark.parametrize(
+    "fast",
+    [
+        {},
+        {"threshold": 0.5},
+        {"cache": "dual"},
+        {"cache": "dual", "threshold": 0.7},
+        {"cfg_scale": 1.5, "cache": "dual", "threshold": 0.6},
+    ],
+)
+@pytest.mark.parametrize("slots", [1, 3])
+def test_continuous_batching_decodes_every_row_as_generate_does(
+    sharp_model, fast: dict, slots: int
+) -> None:
+    """Greedy: a row refilled into a freed slot, at its own block and step beside rows at
+    other blocks, decodes to what the batch decoder gives it, in every supported mode."""
+    ids, mask = _seven_prompts()
+    kw = dict(gen_length=12, block_length=4, steps=12, mask_id=TINY_MASK_ID, **fast)
+    want_stats, got_stats = DecodeStats(), DecodeStats()
+    want = generate(sharp_model, ids, mask, stats=want_stats, **kw)
+    got = generate_continuous(sharp_model, ids, mask, slots=slots, stats=got_stats, **kw)
+    assert torch.equal(got, want)
+    # Each row costs what it costs in the batch decoder: the same positions in all.
+    assert got_stats.positions_computed == want_stats.positions_computed
+    assert got_stats.tokens_committed == want_stats.tokens_committed == 7 * 12
+
+
+def test_continuous_batching_refills_a_stopped_rows_slot_at_once() -> None:
+    """Two slots, four prompts: rows that stop after their first block free their slot for the
+    next prompt, and no forward runs a slot without a row."""
+    ids = torch.tensor([[2, 0], [3, 0], [5, 0], [6, 0]])
+    kw = dict(gen_length=12, block_length=4, steps=12, mask_id=TINY_MASK_ID, eos_id=1)
+    kw |= dict(stop_ids=[EOT], stop_at_eos=True)
+    want = generate(_Script(), ids, **kw)
+    stats = DecodeStats()
+    got = generate_continuous(_Script(), ids, slots=2, stats=stats, **kw)
+    assert torch.equal(got, want)
+    # Blocks decoded: 1 + 3 + 1 + 2 = 7, 4 steps each, the same positions as the batch decoder.
+    assert stats.positions_computed == 14 * 4 * 7
+    # Slot A: prompt 2 (block 1), then 5 (block 1), then 6 (blocks 1-2); slot B: prompt 3
+    # (blocks 1-3). Both slots are full for 12 forwards, A runs alone for the last 4.
+    assert stats.forward_passes == 16
+
+
+def test_continuous_batching_samples_every_position_and_checks_its_arguments(tiny_model) -> None:
+    ids, mask = _seven_prompts()
+    kw = dict(gen_length=8, block_length=4, steps=4, mask_id=TINY_MASK_ID)
+    out = generate_continuous(
+        tiny_model,
+        ids,
+        mask,
+        slots=3,
+        temperature=0.9,
+        generator=torch.Generator().manual_seed(0),
+        **kw,
+    )
+    assert torch.equal(out[:, :6], ids) and not (out == TINY_MASK_ID).any()
+    with pytest.raises(ValueError, match="not 'prefix'"):
+        generate_continuous(tiny_model, ids, mask, slots=2, cache="prefix", **kw)
+    with pytest.raises(ValueError, match="slots must be >= 1"):
+        generate_continuous(tiny_model, ids, mask, slots=0, **kw)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import sys
 import types
 from collections.abc import Sequence
@@ -57,6 +58,13 @@ def test_torch_engine_matches_the_decoder_and_is_chunk_invariant(tiny_model) -> 
     small = TorchEngine(tiny_model, TINY_MASK_ID, max_batch_size=3).generate(PROMPTS, OPTIONS)
     assert torch.equal(small.completion_ids, out.completion_ids)
     assert small.stats.forward_passes == 8
+    # Continuous batching over 3 slots: the same greedy rows, the four prompts left-padded
+    # together (no chunk boundary), a freed slot refilled at once.
+    flowing = TorchEngine(tiny_model, TINY_MASK_ID, max_batch_size=3).generate(
+        PROMPTS, dataclasses.replace(OPTIONS, continuous_batching=True)
+    )
+    assert torch.equal(flowing.completion_ids, out.completion_ids)
+    assert flowing.stats.tokens_committed == 32
 
 
 def test_torch_engine_seeded_sampling_and_weight_update(tiny_model) -> None:

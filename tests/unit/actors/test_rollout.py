@@ -135,16 +135,14 @@ def test_from_config_builds_engine_verifier_and_options(model, tokenizer, proble
     from embr_rl.core.config import load_config
     from embr_rl.core.models.loader import LoadedModel
 
-    cfg = load_config(
-        overrides=[
-            "rollout.group_size=2",
-            "rollout.gen_length=8",
-            "rollout.block_length=4",
-            "rollout.steps=4",
-            "rollout.threshold=0.9",
-            "rollout.cache=prefix",
-        ]
-    )
+    cfg_overrides = [
+        "rollout.group_size=2",
+        "rollout.gen_length=8",
+        "rollout.block_length=4",
+        "rollout.steps=4",
+        "rollout.threshold=0.9",
+    ]
+    cfg = load_config(overrides=[*cfg_overrides, "rollout.cache=prefix"])
     loaded = LoadedModel(
         model=model,
         tokenizer=tokenizer,
@@ -162,6 +160,16 @@ def test_from_config_builds_engine_verifier_and_options(model, tokenizer, proble
     table = worker.generate(problems[:2])
     worker.close()
     assert table.num_rows == 4 and worker.engine.name == "torch"
+    assert worker.engine.max_batch_size == 16  # the whole batch: 8 prompts x 2
+    flowing = load_config(
+        overrides=[*cfg_overrides, "rollout.cache=dual", "rollout.continuous_batching=true",
+                   "rollout.max_batch_size=3"]
+    )  # fmt: skip
+    worker = RolloutWorker.from_config(flowing, loaded)
+    assert worker.options.continuous_batching and worker.engine.max_batch_size == 3
+    table = worker.generate(problems[:2])
+    worker.close()
+    assert table.num_rows == 4
 
 
 class _FixedEngine:

@@ -247,6 +247,15 @@ def test_plot_rewards_writes_png(tmp_path: Path) -> None:
         (["rollout.record_logprobs=true", "rollout.engine=vllm"], "rollout.record_logprobs"),
         (["rollout.record_logprobs=true", "algo.prompt_mask_prob=0.1"], "algo.prompt_mask_prob"),
         (["rollout.max_restarts=-1"], "rollout.max_restarts"),
+        (
+            ["rollout.continuous_batching=true", "rollout.cache=prefix"],
+            "rollout.continuous_batching",
+        ),
+        (
+            ["rollout.continuous_batching=true", "rollout.engine=vllm"],
+            "rollout.continuous_batching",
+        ),
+        (["rollout.max_batch_size=0"], "rollout.max_batch_size"),
         (["rollout.score_reference=true", "algo.name=d1"], "rollout.score_reference"),
         (
             ["rollout.score_reference=true", "algo.common_random_numbers=false"],
