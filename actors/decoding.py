@@ -159,6 +159,32 @@ def _validate(
         raise ValueError(f"mask_id {mask_id} is outside the vocabulary (size {vocab})")
 
 
+def _stops_and_cache(
+    model: Any,
+    mask_id: int,
+    cache: str | None,
+    eos_id: int | None,
+    stop_ids: Sequence[int] | None,
+    suppress_eos: bool,
+    stop_at_eos: bool,
+) -> tuple[tuple[int, ...], str | None]:
+    """The stop ids (``eos_id`` first) and the cache mode the model supports (None, with a
+    warning, when its forward takes no cache)."""
+    stops = stop_id_set(eos_id, stop_ids)
+    if (suppress_eos or stop_at_eos) and not stops:
+        raise ValueError("suppress_eos=True and stop_at_eos=True need eos_id or stop_ids")
+    if mask_id in stops:
+        raise ValueError(f"mask_id {mask_id} cannot also be a stop id ({list(stops)})")
+    if cache is not None and not supports_kv_cache(model):
+        warnings.warn(
+            f"{type(model).__name__} has no key/value cache (forward takes no kv_cache, "
+            f"position_ids, use_cache); decoding with cache=None instead of {cache!r}",
+            stacklevel=3,
+        )
+        cache = None
+    return stops, cache
+
+
 class _Forward:
     """Runs the model on a subset of rows, with classifier-free guidance and an optional cache.
 
@@ -326,7 +352,7 @@ def _ends_in_stops(block: torch.Tensor, stops: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def generate(  # noqa: C901, PLR0912, PLR0915  (the block/step schedule and its fast modes in one loop)
+def generate(  # noqa: C901  (the block/step schedule and its fast modes in one loop)
     model: torch.nn.Module,
     prompt_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
@@ -370,18 +396,9 @@ def generate(  # noqa: C901, PLR0912, PLR0915  (the block/step schedule and its 
         cache,
         vocab,
     )
-    stops = stop_id_set(eos_id, stop_ids)
-    if (suppress_eos or stop_at_eos) and not stops:
-        raise ValueError("suppress_eos=True and stop_at_eos=True need eos_id or stop_ids")
-    if mask_id in stops:
-        raise ValueError(f"mask_id {mask_id} cannot also be a stop id ({list(stops)})")
-    if cache is not None and not supports_kv_cache(model):
-        warnings.warn(
-            f"{type(model).__name__} has no key/value cache (forward takes no kv_cache, "
-            f"position_ids, use_cache); decoding with cache=None instead of {cache!r}",
-            stacklevel=2,
-        )
-        cache = None
+    stops, cache = _stops_and_cache(
+        model, mask_id, cache, eos_id, stop_ids, suppress_eos, stop_at_eos
+    )
     t0 = time.perf_counter()
     call_stats = DecodeStats()
     b, p = prompt_ids.shape
@@ -525,18 +542,9 @@ def generate_continuous(  # noqa: C901, PLR0912, PLR0915  (the slots' schedule i
             "continuous batching supports cache=None or 'dual', not 'prefix' (the cached prefix "
             "would have a different length in every slot)"
         )
-    stops = stop_id_set(eos_id, stop_ids)
-    if (suppress_eos or stop_at_eos) and not stops:
-        raise ValueError("suppress_eos=True and stop_at_eos=True need eos_id or stop_ids")
-    if mask_id in stops:
-        raise ValueError(f"mask_id {mask_id} cannot also be a stop id ({list(stops)})")
-    if cache is not None and not supports_kv_cache(model):
-        warnings.warn(
-            f"{type(model).__name__} has no key/value cache (forward takes no kv_cache, "
-            f"position_ids, use_cache); decoding with cache=None instead of {cache!r}",
-            stacklevel=2,
-        )
-        cache = None
+    stops, cache = _stops_and_cache(
+        model, mask_id, cache, eos_id, stop_ids, suppress_eos, stop_at_eos
+    )
     t0 = time.perf_counter()
     call_stats = DecodeStats()
     n, p = prompt_ids.shape
