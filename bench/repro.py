@@ -10,7 +10,7 @@
 Every run is Algorithm 1 in sync mode in one process (``bench/localrun.py``, no Ray) on the
 demo task from the shipped base model: ``--steps`` learner steps of 128 rows (16 prompts x 8
 completions), each method with the overrides the validation sweep chose for it
-(``bench/tuned.json``, the same sweep budget for every method), evaluated greedily on the
+(``bench/tuned.json``; the report lists each method's sweep points), evaluated greedily on the
 500 test problems every ``--eval-every`` steps. The base model is evaluated once.
 
 - ``online`` (paper Table 1): EMBR-E, EMBR-C, EMBR-U, d1 (diffu-GRPO), wd1, UniGRPO, SPG, BGPO, a
@@ -384,8 +384,10 @@ def build_report(  # noqa: C901, PLR0912, PLR0915  (report assembly, one table a
     commands: Sequence[Mapping[str, Any]],
     *,
     image: str = "curves.png",
+    sweep_points: Mapping[str, int] | None = None,
 ) -> str:
-    """The study's markdown, from the records alone."""
+    """The study's markdown, from the records alone (``sweep_points``: each method's points in
+    the sweep's records, its tuning budget)."""
     base_rec = next((r for r in records if r.get("setting") == "base"), None)
     if base_rec is None:
         raise ValueError("no base-model evaluation in the records")
@@ -400,7 +402,8 @@ def build_report(  # noqa: C901, PLR0912, PLR0915  (report assembly, one table a
         f"Demo task, shipped base model (test accuracy {100 * base:.1f}%, greedy, 500 test "
         f"problems); {any_run['steps']} learner steps of {any_run['rows_per_round']} rows per "
         f"run ({any_run['samples']} samples), seeds {', '.join(map(str, seeds))}; each method "
-        "at the settings the validation sweep chose for it (same sweep budget for each). "
+        "at the settings the validation sweep chose for it (its sweep points in the table "
+        "below). "
         "Intervals are two-sided 95% t-intervals over seeds.",
         "",
         "### Settings per method (from the validation sweep, `bench/tuned.json`)",
@@ -408,7 +411,12 @@ def build_report(  # noqa: C901, PLR0912, PLR0915  (report assembly, one table a
     ]
     lines.append(
         _table(
-            ["method", "overrides of configs/demo.yaml", "validation accuracy in the sweep"],
+            [
+                "method",
+                "overrides of configs/demo.yaml",
+                "validation accuracy in the sweep",
+                "sweep points on record",
+            ],
             [
                 [
                     LABELS[a],
@@ -418,6 +426,9 @@ def build_report(  # noqa: C901, PLR0912, PLR0915  (report assembly, one table a
                     f"{100 * tuned[a]['validation_accuracy']:.1f}%"
                     if tuned and a in tuned
                     else "-",
+                    str(sweep_points[a])
+                    if sweep_points and sweep_points.get(a)
+                    else "none (not on record)",
                 ]
                 for a in online
             ],
@@ -604,6 +615,12 @@ def write_docs(
 # --------------------------------------------------------------------------- main
 
 
+def sweep_points(path: Path = RECORDS / "sweep" / "sweep.jsonl") -> dict[str, int]:
+    """Each online method's finished points in the sweep's records (its tuning budget)."""
+    swept = read_records(path)
+    return {a: sum(r.get("algo") == a for r in swept) for a in ONLINE}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", type=Path, default=RECORDS / "repro")
@@ -690,7 +707,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if base is None:
         p.error(f"{path} holds no base-model evaluation; run the study first")
     curves = plot(records, float(base["final_accuracy"]), args.out / "curves.png")
-    report = build_report(records, tuned, commands)
+    report = build_report(records, tuned, commands, sweep_points=sweep_points())
     (args.out / "report.md").write_text(report)
     if args.write_docs:
         img = DOCS_IMG if args.block == "repro" else DOCS_IMG.with_name(f"{args.block}_curves.png")

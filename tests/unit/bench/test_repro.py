@@ -152,8 +152,16 @@ def _records() -> list[dict]:
 
 def test_report_holds_every_table_and_marks_the_claims(tmp_path: Path) -> None:
     recs = _records()
-    text = repro.build_report(recs, TUNED, [{"command": "x", "started": "now", "seconds": 3.0}])
+    text = repro.build_report(
+        recs,
+        TUNED,
+        [{"command": "x", "started": "now", "seconds": 3.0}],
+        sweep_points={"embr_c": 3, "d1": 5},
+    )
     assert "test accuracy 10.0%" in text and "seeds 0, 1, 2" in text
+    # each method's tuning budget is in its row: the points on record, or none
+    assert "| `learner.lr=2e-4` | 30.0% | 3 |" in text and "| 30.0% | 5 |" in text
+    assert "| `learner.lr=1e-4` | 30.0% | none (not on record) |" in text
     assert "| EMBR-C | 3 | 31.0 [" in text
     # Target: d1's mean final 26%; EMBR-C reaches it between 1280 (15.5%) and 2560 (30%+).
     assert "d1 (diffu-GRPO) 26.0%" in text
