@@ -362,6 +362,9 @@ class EvalConfig:
     threshold: float | None = field_(None, gt=0, le=1)
     cache: str | None = field_(None, choices=[None, "prefix", "dual"])
     stop_at_eos: bool = False
+    # Continuous batching over batch_size slots (docs/decoding.md); the in-run evaluator
+    # decodes all problems in one call, the CLI batch_size at a time for its progress line.
+    continuous_batching: bool = False
     num_show: int = field_(3, ge=0)
     # Evaluate the starting policy before the first learner step (the "before" number).
     at_start: bool = True
@@ -621,6 +624,12 @@ def _check_relations(cfg: Config) -> None:  # noqa: C901, PLR0912  (one independ
             f"algo.name={cfg.algo.name!r} and rollout.record_logprobs=false; allowed: 1, or set "
             "rollout.record_logprobs=true (its ratio against the sampling policy needs the "
             "behaviour log-probs on the rows' seeded masks, recorded at rollout time)"
+        )
+    if cfg.eval.continuous_batching and cfg.eval.cache == "prefix":
+        raise ConfigError(
+            "bad value for 'eval.continuous_batching': true with eval.cache='prefix'; allowed: "
+            "false, or eval.cache null or 'dual' (the cached prefix would differ in length "
+            "from slot to slot)"
         )
     if cfg.rollout.continuous_batching and (
         cfg.rollout.engine != "torch" or cfg.rollout.cache == "prefix"

@@ -256,6 +256,7 @@ def test_plot_rewards_writes_png(tmp_path: Path) -> None:
             "rollout.continuous_batching",
         ),
         (["rollout.max_batch_size=0"], "rollout.max_batch_size"),
+        (["eval.continuous_batching=true", "eval.cache=prefix"], "eval.continuous_batching"),
         (["rollout.score_reference=true", "algo.name=d1"], "rollout.score_reference"),
         (
             ["rollout.score_reference=true", "algo.common_random_numbers=false"],

@@ -62,6 +62,16 @@ def test_evaluate_decodes_scores_and_groups(tiny_model) -> None:
     assert res.by_group == {"2": 0.5, "3": 0.0}
     assert res.stats.forward_passes == 8  # two batches x 4 steps
     assert all(len(s["completion"]) <= 8 for s in res.samples)
+    # Continuous batching over the same 2 slots: the same greedy completions and scores.
+    flowing = evaluate(
+        loaded,
+        problems,
+        EvalConfig(batch_size=2, gen_length=8, block_length=4, steps=4, continuous_batching=True),
+        scorer=scorer,
+        group_key="n",
+    )
+    assert [s["completion"] for s in flowing.samples] == [s["completion"] for s in res.samples]
+    assert flowing.accuracy == res.accuracy and flowing.stats.tokens_committed == 3 * 8
 
 
 def test_evaluate_stops_and_cuts_at_end_of_turn_ids(tiny_model) -> None:
