@@ -174,6 +174,20 @@ def test_report_holds_every_table_and_marks_the_claims(tmp_path: Path) -> None:
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_claims_test_the_variant_validation_chose_not_the_best_on_test() -> None:
+    tuned = {a: dict(v) for a, v in TUNED.items()}
+    tuned["embr_e"]["validation_accuracy"] = 0.4  # validation ranks EMBR-E first
+    assert repro.chosen_embr(["embr_e", "embr_c", "embr_u"], tuned)[0] == "embr_e"
+    del tuned["embr_u"]["validation_accuracy"]
+    assert repro.chosen_embr(["embr_e", "embr_c", "embr_u"], tuned)[0] == "embr_c"
+    tuned["embr_u"]["validation_accuracy"] = 0.1
+    text = repro.build_report(_records(), tuned, [])
+    # EMBR-E (20-22%) is tested against d1 (25-27%), although EMBR-U has the best test mean
+    assert "**EMBR >= d1 (diffu-GRPO) online** (EMBR-E, the EMBR variant the validation" in text
+    assert "minus d1 (diffu-GRPO): -5.0 [-5.0, -5.0] points): not held." in text
+    assert "Not a test, for reference: EMBR-U, the EMBR variant with the best test mean" in text
+
+
 def test_report_offline_table_and_claim(tmp_path: Path) -> None:
     recs = _records()
     for seed in range(3):
