@@ -186,14 +186,15 @@ def run_many(
     *,
     processes: int,
     log: Callable[[str], None] = print,
-) -> None:
-    """Run the jobs whose keys ``out`` does not yet hold, ``processes`` at a time, appending records."""
+) -> int:
+    """Run the jobs whose keys ``out`` does not yet hold, ``processes`` at a time, appending
+    records; returns how many ran."""
     out.parent.mkdir(parents=True, exist_ok=True)
     finished = done_keys(out)
     todo = [j for j in jobs if j.key not in finished]
     log(f"{len(jobs) - len(todo)} of {len(jobs)} runs already in {out}; {len(todo)} to run")
     if not todo:
-        return
+        return 0
     env_threads = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     os.environ.update(env_threads)
     with ProcessPoolExecutor(max_workers=processes, mp_context=get_context("spawn")) as pool:
@@ -205,6 +206,7 @@ def run_many(
             acc = rec.get("final_accuracy")
             shown = "failed" if rec["status"] != "done" else f"accuracy {acc:.3f}"
             log(f"[{n}/{len(todo)}] {rec['key']}: {shown} ({rec['seconds']:.0f} s)")
+    return len(todo)
 
 
 def markers(block: str) -> tuple[str, str]:

@@ -716,12 +716,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         except KeyError as exc:
             p.error(str(exc.args[0]))
-        run_many(jobs, path, processes=args.processes)
-        with log_path.open("a") as f:
-            cmd = shlex.join([".venv/bin/python", "bench/repro.py", *(argv or sys.argv[1:])])
-            f.write(
-                json.dumps({"command": cmd, "started": started, "seconds": time.time() - t0}) + "\n"
-            )
+        # A command that ran nothing (a report, a finished study) is not logged.
+        if run_many(jobs, path, processes=args.processes):
+            with log_path.open("a") as f:
+                cmd = shlex.join([".venv/bin/python", "bench/repro.py", *(argv or sys.argv[1:])])
+                f.write(
+                    json.dumps({"command": cmd, "started": started, "seconds": time.time() - t0})
+                    + "\n"
+                )
     records = read_records(path)
     commands = (
         [json.loads(x) for x in log_path.read_text().splitlines()] if log_path.exists() else []
