@@ -53,6 +53,7 @@ from bench.localrun import (
     RECORDS,
     REPO,
     Job,
+    done_keys,
     make_offline_dataset,
     markers,
     read_records,
@@ -619,7 +620,8 @@ def build_report(  # noqa: C901, PLR0912, PLR0915  (report assembly, one table a
     lines += claims
     lines += ["", "### Commands", ""]
     for c in commands:
-        lines.append(f"- `{c['command']}` (started {c['started']}, {c['seconds']:.0f} s)")
+        cut = f", interrupted after {c.get('runs', '?')} runs" if c.get("interrupted") else ""
+        lines.append(f"- `{c['command']}` (started {c['started']}, {c['seconds']:.0f} s{cut})")
     total = sum(float(r.get("seconds", 0)) for r in records)
     lines.append(f"- process time of all {len(records)} records: {total / 60:.0f} min")
     return "\n".join(lines) + "\n"
@@ -642,6 +644,30 @@ def sweep_points(path: Path = RECORDS / "sweep" / "sweep.jsonl") -> dict[str, in
     """Each online method's finished points in the sweep's records (its tuning budget)."""
     swept = read_records(path)
     return {a: sum(r.get("algo") == a for r in swept) for a in ONLINE}
+
+
+def run_logged(
+    jobs: Sequence[Job], path: Path, log_path: Path, command: str, *, processes: int
+) -> int:
+    """Run ``jobs`` into ``path`` and append ``command`` to ``log_path`` with its start, wall
+    time and the records it added, also when it is cut short (``"interrupted": true``); a
+    command that added no record (a report, a finished study) is not logged. Returns the count."""
+    started, t0 = time.strftime("%Y-%m-%d %H:%M:%S"), time.time()
+    before, interrupted = len(done_keys(path)), True
+    try:
+        run_many(jobs, path, processes=processes)
+        interrupted = False
+    finally:
+        ran = len(done_keys(path)) - before
+        if ran:
+            entry: dict[str, Any] = {"command": command, "started": started, "runs": ran}
+            entry["seconds"] = time.time() - t0
+            if interrupted:
+                entry["interrupted"] = True
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            with log_path.open("a") as f:
+                f.write(json.dumps(entry) + "\n")
+    return ran
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -697,7 +723,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     log_path = args.out / "commands.jsonl"
     if not args.report_only:
         data = args.out / OFFLINE_DATA
-        started, t0 = time.strftime("%Y-%m-%d %H:%M:%S"), time.time()
         if "offline" in settings and not data.exists():
             print(f"offline dataset: {args.offline_rounds} rounds of the base model -> {data}")
             make_offline_dataset(data, args.offline_rounds)
@@ -716,14 +741,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         except KeyError as exc:
             p.error(str(exc.args[0]))
-        # A command that ran nothing (a report, a finished study) is not logged.
-        if run_many(jobs, path, processes=args.processes):
-            with log_path.open("a") as f:
-                cmd = shlex.join([".venv/bin/python", "bench/repro.py", *(argv or sys.argv[1:])])
-                f.write(
-                    json.dumps({"command": cmd, "started": started, "seconds": time.time() - t0})
-                    + "\n"
-                )
+        cmd = shlex.join([".venv/bin/python", "bench/repro.py", *(argv or sys.argv[1:])])
+        run_logged(jobs, path, log_path, cmd, processes=args.processes)
     records = read_records(path)
     commands = (
         [json.loads(x) for x in log_path.read_text().splitlines()] if log_path.exists() else []

@@ -208,6 +208,30 @@ def test_report_needs_the_base_evaluation() -> None:
         repro.build_report(_records()[1:], TUNED, [])
 
 
+def test_a_command_cut_short_is_logged_with_the_records_it_added(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path, log = tmp_path / "results.jsonl", tmp_path / "commands.jsonl"
+
+    def two_then_interrupt(jobs: Any, out: Path, *, processes: int) -> int:
+        with out.open("a") as f:
+            for s in (0, 1):
+                f.write(json.dumps(_rec("online", "d1", s, 0.3)) + "\n")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(repro, "run_many", two_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        repro.run_logged([], path, log, "repro --seeds 0,1", processes=1)
+    (entry,) = [json.loads(x) for x in log.read_text().splitlines()]
+    assert entry["command"] == "repro --seeds 0,1"
+    assert entry["runs"] == 2 and entry["interrupted"] is True
+    assert "interrupted after 2 runs" in repro.build_report(_records(), TUNED, [entry])
+
+    monkeypatch.setattr(repro, "run_many", lambda jobs, out, *, processes: 0)
+    assert repro.run_logged([], path, log, "repro --report", processes=1) == 0
+    assert len(log.read_text().splitlines()) == 1  # nothing added, nothing logged
+
+
 def test_write_docs_replaces_only_the_marked_block(tmp_path: Path) -> None:
     docs, img, curves = tmp_path / "results.md", tmp_path / "img" / "r.png", tmp_path / "c.png"
     curves.write_bytes(b"png")
