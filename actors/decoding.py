@@ -38,7 +38,7 @@ import inspect
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -113,20 +113,30 @@ def supports_kv_cache(model: Any) -> bool:
     return all(name in params for name in ("kv_cache", "position_ids", "use_cache"))
 
 
+@dataclass(frozen=True)
+class _Run:
+    """One :func:`generate` call's decoding settings, checked by :func:`_validate` (``stops``
+    and ``cache`` as :func:`_stops_and_cache` resolves them)."""
+
+    gen_length: int
+    block_length: int
+    steps: int
+    mask_id: int
+    temperature: float
+    remasking: str
+    cfg_scale: float
+    threshold: float | None
+    cache: str | None
+    stops: tuple[int, ...]
+    suppress_eos: bool
+    stop_at_eos: bool
+    generator: torch.Generator | None
+
+
 def _validate(
-    prompt_ids: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    gen_length: int,
-    block_length: int,
-    steps: int,
-    mask_id: int,
-    temperature: float,
-    remasking: str,
-    cfg_scale: float,
-    threshold: float | None,
-    cache: str | None,
-    vocab: int | None,
+    prompt_ids: torch.Tensor, attention_mask: torch.Tensor | None, run: _Run, vocab: int | None
 ) -> None:
+    """Refuse bad arguments of :func:`generate`, naming the argument and what is allowed."""
     if prompt_ids.dim() != 2:
         raise ValueError(f"prompt_ids must be [batch, length], got shape {tuple(prompt_ids.shape)}")
     if attention_mask is not None and attention_mask.shape != prompt_ids.shape:
@@ -134,29 +144,30 @@ def _validate(
             f"attention_mask shape {tuple(attention_mask.shape)} must equal prompt_ids shape "
             f"{tuple(prompt_ids.shape)}"
         )
-    if gen_length <= 0 or block_length <= 0 or steps <= 0:
+    gen, block, steps = run.gen_length, run.block_length, run.steps
+    if gen <= 0 or block <= 0 or steps <= 0:
         raise ValueError(
-            f"gen_length, block_length and steps must be positive; got {gen_length}, {block_length}, {steps}"
+            f"gen_length, block_length and steps must be positive; got {gen}, {block}, {steps}"
         )
-    if gen_length % block_length:
+    if gen % block:
+        raise ValueError(f"gen_length ({gen}) must be divisible by block_length ({block})")
+    if steps % (gen // block):
         raise ValueError(
-            f"gen_length ({gen_length}) must be divisible by block_length ({block_length})"
+            f"steps ({steps}) must be divisible by the number of blocks "
+            f"gen_length/block_length ({gen // block})"
         )
-    blocks = gen_length // block_length
-    if steps % blocks:
+    if run.remasking not in REMASKING:
+        raise ValueError(f"unknown remasking {run.remasking!r}; allowed: {', '.join(REMASKING)}")
+    if run.temperature < 0 or run.cfg_scale < 0:
         raise ValueError(
-            f"steps ({steps}) must be divisible by the number of blocks gen_length/block_length ({blocks})"
+            f"temperature ({run.temperature}) and cfg_scale ({run.cfg_scale}) must be >= 0"
         )
-    if remasking not in REMASKING:
-        raise ValueError(f"unknown remasking {remasking!r}; allowed: {', '.join(REMASKING)}")
-    if temperature < 0 or cfg_scale < 0:
-        raise ValueError(f"temperature ({temperature}) and cfg_scale ({cfg_scale}) must be >= 0")
-    if threshold is not None and not 0 < threshold <= 1:
-        raise ValueError(f"threshold must be in (0, 1], got {threshold}")
-    if cache is not None and cache not in CACHE_MODES:
-        raise ValueError(f"unknown cache {cache!r}; allowed: None, {', '.join(CACHE_MODES)}")
-    if vocab is not None and not 0 <= mask_id < vocab:
-        raise ValueError(f"mask_id {mask_id} is outside the vocabulary (size {vocab})")
+    if run.threshold is not None and not 0 < run.threshold <= 1:
+        raise ValueError(f"threshold must be in (0, 1], got {run.threshold}")
+    if run.cache is not None and run.cache not in CACHE_MODES:
+        raise ValueError(f"unknown cache {run.cache!r}; allowed: None, {', '.join(CACHE_MODES)}")
+    if vocab is not None and not 0 <= run.mask_id < vocab:
+        raise ValueError(f"mask_id {run.mask_id} is outside the vocabulary (size {vocab})")
 
 
 def _stops_and_cache(
@@ -211,6 +222,14 @@ class _Forward:
         # The mask token is never a prediction: committing it would leave the position masked.
         self.banned = list(dict.fromkeys([mask_id, *banned]))
         self.stats = stats
+
+    @classmethod
+    def of_run(
+        cls, model: Any, full_mask: torch.Tensor, prompt_len: int, run: _Run, stats: DecodeStats
+    ) -> _Forward:
+        """The forward of one :func:`generate` call (the stop ids banned with ``suppress_eos``)."""
+        banned = run.stops if run.suppress_eos else ()
+        return cls(model, full_mask, prompt_len, run.mask_id, run.cfg_scale, banned, stats)
 
     def _inputs(self, x: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         seq, mask = x[rows], self.full_mask[rows]
@@ -310,29 +329,25 @@ def _commit_block(
     block: torch.Tensor,
     logits: torch.Tensor,
     k_schedule: torch.Tensor | None,
-    threshold: float | None,
-    mask_id: int,
-    temperature: float,
-    remasking: str,
-    generator: torch.Generator | None,
+    run: _Run,
 ) -> torch.Tensor:
     """One step on the block [R, L]: commit the ``k`` most confident masked positions.
 
     ``k`` is the schedule's count, or with ``threshold`` the number of masked positions at
     or above it, raised to the schedule's count (at least one).
     """
-    masked = block == mask_id
-    x0 = gumbel_argmax(logits, temperature, generator)
-    if remasking == "low_confidence":
+    masked = block == run.mask_id
+    x0 = gumbel_argmax(logits, run.temperature, run.generator)
+    if run.remasking == "low_confidence":
         lf = logits.float()
         conf = (lf.gather(-1, x0[..., None]).squeeze(-1) - lf.logsumexp(-1)).exp()
     else:
-        conf = torch.rand(x0.shape, dtype=torch.float64, device=x0.device, generator=generator)
+        conf = torch.rand(x0.shape, dtype=torch.float64, device=x0.device, generator=run.generator)
     conf = conf.masked_fill(~masked, float("-inf"))
-    if threshold is None:
+    if run.threshold is None:
         k = k_schedule
     else:
-        k = (conf >= threshold).sum(1).clamp(min=1)
+        k = (conf >= run.threshold).sum(1).clamp(min=1)
         if k_schedule is not None:
             k = torch.maximum(k, k_schedule)
         k = torch.minimum(k, masked.sum(1))
@@ -352,7 +367,7 @@ def _ends_in_stops(block: torch.Tensor, stops: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def generate(  # noqa: C901  (the block/step schedule and its fast modes in one loop)
+def generate(
     model: torch.nn.Module,
     prompt_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
@@ -370,6 +385,7 @@ def generate(  # noqa: C901  (the block/step schedule and its fast modes in one 
     stop_ids: Sequence[int] | None = None,
     suppress_eos: bool = False,
     stop_at_eos: bool = False,
+    slots: int | None = None,
     generator: torch.Generator | None = None,
     stats: DecodeStats | None = None,
 ) -> torch.Tensor:
@@ -380,11 +396,18 @@ def generate(  # noqa: C901  (the block/step schedule and its fast modes in one 
     ``suppress_eos`` and ``stop_at_eos`` act on every stop id: ``eos_id``, then ``stop_ids``.
     ``stats``, when given, is added to: forward passes, tokens committed (``B * gen_length``),
     positions computed and wall time. Masked tokens inside the prompt are left as they are.
+
+    ``slots=S`` turns on continuous batching: ``S`` rows decode at once, each at its own
+    block and step; a row that finishes (its last block, or a stop with ``stop_at_eos``)
+    leaves, and the next prompt takes its slot at once, so rows never wait for other rows'
+    blocks. Every row goes through exactly the operations the batched schedule applies to it
+    (one full forward at the start of each of its blocks, with ``cache="dual"`` recording the
+    keys/values of the positions outside the block, then block-only forwards), so with
+    ``temperature=0`` each row decodes to the same tokens; at a temperature the random draws
+    are taken in another order. ``cache="prefix"`` is refused with slots (its cached span
+    would differ in length from row to row).
     """
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-    _validate(
-        prompt_ids,
-        attention_mask,
+    run = _Run(
         gen_length,
         block_length,
         steps,
@@ -394,80 +417,110 @@ def generate(  # noqa: C901  (the block/step schedule and its fast modes in one 
         cfg_scale,
         threshold,
         cache,
-        vocab,
+        (),
+        suppress_eos,
+        stop_at_eos,
+        generator,
     )
+    _validate(
+        prompt_ids, attention_mask, run, getattr(getattr(model, "config", None), "vocab_size", None)
+    )
+    if slots is not None and slots < 1:
+        raise ValueError(f"slots must be >= 1 (or None for one static batch), got {slots}")
+    if slots is not None and cache == "prefix":
+        raise ValueError(
+            "continuous batching (slots) supports cache=None or 'dual', not 'prefix' (the "
+            "cached prefix would have a different length in every slot)"
+        )
     stops, cache = _stops_and_cache(
         model, mask_id, cache, eos_id, stop_ids, suppress_eos, stop_at_eos
     )
+    run = replace(run, stops=tuple(stops), cache=cache)
     t0 = time.perf_counter()
     call_stats = DecodeStats()
+    if attention_mask is None:
+        attention_mask = torch.ones_like(prompt_ids)
+    if slots is None:
+        out = _decode_batch(model, prompt_ids, attention_mask, run, call_stats)
+    else:
+        out = _decode_slots(model, prompt_ids, attention_mask, slots, run, call_stats)
+    call_stats.tokens_committed = prompt_ids.shape[0] * gen_length
+    call_stats.wall_s = time.perf_counter() - t0
+    if stats is not None:
+        stats.merge(call_stats)
+    return out
+
+
+def _decode_batch(  # noqa: C901  (the block/step schedule and its fast modes in one loop)
+    model: torch.nn.Module,
+    prompt_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    run: _Run,
+    call_stats: DecodeStats,
+) -> torch.Tensor:
+    """One static batch: every row decodes block by block together (:func:`generate`)."""
     b, p = prompt_ids.shape
     device = prompt_ids.device
-    x = torch.full((b, p + gen_length), mask_id, dtype=torch.long, device=device)
+    x = torch.full((b, p + run.gen_length), run.mask_id, dtype=torch.long, device=device)
     x[:, :p] = prompt_ids
     if attention_mask is None:
         attention_mask = torch.ones_like(prompt_ids)
     full_mask = torch.cat(
-        [attention_mask.to(torch.long), torch.ones(b, gen_length, dtype=torch.long, device=device)],
+        [
+            attention_mask.to(torch.long),
+            torch.ones(b, run.gen_length, dtype=torch.long, device=device),
+        ],
         dim=1,
     )
-    fwd = _Forward(
-        model, full_mask, p, mask_id, cfg_scale, stops if suppress_eos else (), call_stats
-    )
-    stop_table = torch.tensor(stops, dtype=torch.long, device=device)
-    steps_per_block = steps // (gen_length // block_length)
+    fwd = _Forward.of_run(model, full_mask, p, run, call_stats)
+    stop_table = torch.tensor(run.stops, dtype=torch.long, device=device)
+    steps_per_block = run.steps // (run.gen_length // run.block_length)
     live = torch.arange(b, device=device)  # rows not stopped
 
-    for start in range(p, p + gen_length, block_length):
-        end = start + block_length
+    for start in range(p, p + run.gen_length, run.block_length):
+        end = start + run.block_length
         if live.numel() == 0:
             break
-        schedule = num_transfer_tokens(x[live, start:end] == mask_id, steps_per_block)
+        schedule = num_transfer_tokens(x[live, start:end] == run.mask_id, steps_per_block)
         kv = None
         rows, sched_row = live, torch.arange(live.numel(), device=device)
         step = 0
-        while threshold is not None or step < steps_per_block:
+        while run.threshold is not None or step < steps_per_block:
             if step > 0:
-                pending = (x[rows, start:end] == mask_id).any(1)
+                pending = (x[rows, start:end] == run.mask_id).any(1)
                 if not bool(pending.all()):
                     keep = pending.nonzero().squeeze(1)
                     if kv is not None:
-                        both = torch.cat([keep, keep + rows.numel()]) if cfg_scale > 0 else keep
+                        both = torch.cat([keep, keep + rows.numel()]) if run.cfg_scale > 0 else keep
                         kv = kv.select_rows(both)
                     rows, sched_row = rows[keep], sched_row[keep]
                 if rows.numel() == 0:
                     break
-            if cache is None:
+            if run.cache is None:
                 logits = fwd.full(x, rows, start, end)
             elif step == 0:
                 logits, full_kv = fwd.full_with_cache(x, rows, start, end)
-                if cache == "prefix":
+                if run.cache == "prefix":
                     kv = full_kv.select_positions(slice(0, start))
                 else:
                     keep = torch.cat(
                         [
                             torch.arange(start, device=device),
-                            torch.arange(end, p + gen_length, device=device),
+                            torch.arange(end, p + run.gen_length, device=device),
                         ]
                     )
                     kv = full_kv.select_positions(keep)
             else:
-                stop = p + gen_length if cache == "prefix" else end
+                stop = p + run.gen_length if run.cache == "prefix" else end
                 logits = fwd.partial(x, rows, start, stop, end, kv)
             k = schedule[sched_row, step] if step < steps_per_block else None
-            x[rows, start:end] = _commit_block(
-                x[rows, start:end], logits, k, threshold, mask_id, temperature, remasking, generator
-            )
+            x[rows, start:end] = _commit_block(x[rows, start:end], logits, k, run)
             step += 1
-        if stop_at_eos:
+        if run.stop_at_eos:
             ended = _ends_in_stops(x[live, start:end], stop_table)
-            x[live[ended], end:] = stops[0]
+            x[live[ended], end:] = run.stops[0]
             live = live[~ended]
 
-    call_stats.tokens_committed = b * gen_length
-    call_stats.wall_s = time.perf_counter() - t0
-    if stats is not None:
-        stats.merge(call_stats)
     return x
 
 
@@ -486,88 +539,34 @@ def _rows_like(kv: Any, rows: int) -> Any:
     )
 
 
-@torch.no_grad()
-def generate_continuous(  # noqa: C901, PLR0912, PLR0915  (the slots' schedule in one loop)
+def _decode_slots(  # noqa: C901, PLR0915  (the slots' schedule in one loop)
     model: torch.nn.Module,
     prompt_ids: torch.Tensor,
-    attention_mask: torch.Tensor | None = None,
-    *,
+    attention_mask: torch.Tensor,
     slots: int,
-    gen_length: int,
-    block_length: int,
-    steps: int,
-    mask_id: int,
-    temperature: float = 0.0,
-    remasking: str = "low_confidence",
-    cfg_scale: float = 0.0,
-    threshold: float | None = None,
-    cache: str | None = None,
-    eos_id: int | None = None,
-    stop_ids: Sequence[int] | None = None,
-    suppress_eos: bool = False,
-    stop_at_eos: bool = False,
-    generator: torch.Generator | None = None,
-    stats: DecodeStats | None = None,
+    run: _Run,
+    call_stats: DecodeStats,
 ) -> torch.Tensor:
-    """:func:`generate` with continuous batching: ``slots`` rows decode at once, each at its own
-    block and step; a row that finishes (its last block, or a stop with ``stop_at_eos``)
-    leaves, and the next prompt takes its slot at once. Returns [N, P + gen_length].
-
-    Every row goes through exactly the operations :func:`generate` applies to it (one full
-    forward at the start of each of its blocks, with ``cache="dual"`` recording the
-    keys/values of the positions outside the block, then block-only forwards), so with
-    ``temperature=0`` each row decodes to what :func:`generate` gives it; at a temperature the
-    random draws are taken in another order. ``cache="prefix"`` is not supported (its cached
-    span would differ in length from row to row). Rows never wait for other rows' blocks.
-    """
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-    _validate(
-        prompt_ids,
-        attention_mask,
-        gen_length,
-        block_length,
-        steps,
-        mask_id,
-        temperature,
-        remasking,
-        cfg_scale,
-        threshold,
-        cache,
-        vocab,
-    )
-    if slots < 1:
-        raise ValueError(f"slots must be >= 1, got {slots}")
-    if cache == "prefix":
-        raise ValueError(
-            "continuous batching supports cache=None or 'dual', not 'prefix' (the cached prefix "
-            "would have a different length in every slot)"
-        )
-    stops, cache = _stops_and_cache(
-        model, mask_id, cache, eos_id, stop_ids, suppress_eos, stop_at_eos
-    )
-    t0 = time.perf_counter()
-    call_stats = DecodeStats()
+    """Continuous batching through ``slots`` rows (:func:`generate` with ``slots``)."""
     n, p = prompt_ids.shape
     device = prompt_ids.device
-    width = p + gen_length
+    width = p + run.gen_length
     if attention_mask is None:
         attention_mask = torch.ones_like(prompt_ids)
-    out = torch.full((n, width), mask_id, dtype=torch.long, device=device)
+    out = torch.full((n, width), run.mask_id, dtype=torch.long, device=device)
     out[:, :p] = prompt_ids
     s = min(slots, n)
-    x = torch.full((s, width), mask_id, dtype=torch.long, device=device)
+    x = torch.full((s, width), run.mask_id, dtype=torch.long, device=device)
     full_mask = torch.zeros((s, width), dtype=torch.long, device=device)
-    fwd = _Forward(
-        model, full_mask, p, mask_id, cfg_scale, stops if suppress_eos else (), call_stats
-    )
-    stop_table = torch.tensor(stops, dtype=torch.long, device=device)
-    blocks = gen_length // block_length
-    per_block = steps // blocks
+    fwd = _Forward.of_run(model, full_mask, p, run, call_stats)
+    stop_table = torch.tensor(run.stops, dtype=torch.long, device=device)
+    blocks = run.gen_length // run.block_length
+    per_block = run.steps // blocks
     request = torch.full((s,), -1, dtype=torch.long, device=device)
     block = torch.zeros(s, dtype=torch.long, device=device)
     step = torch.zeros(s, dtype=torch.long, device=device)
     schedule = torch.zeros((s, per_block), dtype=torch.long, device=device)
-    offsets = torch.arange(block_length, device=device)
+    offsets = torch.arange(run.block_length, device=device)
     everywhere = torch.arange(width, device=device)
     store: Any = None  # the dual cache of every slot: positions outside its block
     queued = 0
@@ -577,7 +576,7 @@ def generate_continuous(  # noqa: C901, PLR0912, PLR0915  (the slots' schedule i
         if queued >= n:
             request[slot] = -1
             return
-        x[slot] = mask_id
+        x[slot] = run.mask_id
         x[slot, :p] = prompt_ids[queued]
         full_mask[slot, :p] = attention_mask[queued].to(torch.long)
         full_mask[slot, p:] = 1
@@ -591,13 +590,13 @@ def generate_continuous(  # noqa: C901, PLR0912, PLR0915  (the slots' schedule i
         rows = (request >= 0).nonzero().squeeze(1)
         if rows.numel() == 0:
             break
-        starts = p + block[rows] * block_length
+        starts = p + block[rows] * run.block_length
         idx = starts[:, None] + offsets  # [R, bl]: each row's block
         fresh = step[rows] == 0
         if bool(fresh.any()):
             blk = x[rows[fresh]].gather(1, idx[fresh])
-            schedule[rows[fresh]] = num_transfer_tokens(blk == mask_id, per_block)
-        if cache is None:
+            schedule[rows[fresh]] = num_transfer_tokens(blk == run.mask_id, per_block)
+        if run.cache is None:
             logits, _ = fwd.rows_full(x, rows, idx, with_cache=False)
         else:
             parts: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -608,12 +607,12 @@ def generate_continuous(  # noqa: C901, PLR0912, PLR0915  (the slots' schedule i
                 keep = outside[(outside < i0[:, :1]) | (outside > i0[:, -1:])].view(len(r0), -1)
                 kv = kv.gather_positions(fwd._idx2(keep))
                 if store is None:
-                    store = _rows_like(kv, 2 * s if cfg_scale > 0 else s)
-                store.write_rows(torch.cat([r0, r0 + s]) if cfg_scale > 0 else r0, kv)
+                    store = _rows_like(kv, 2 * s if run.cfg_scale > 0 else s)
+                store.write_rows(torch.cat([r0, r0 + s]) if run.cfg_scale > 0 else r0, kv)
                 parts.append((fresh.nonzero().squeeze(1), lg))
             if not bool(fresh.all()):
                 r1, i1 = rows[~fresh], idx[~fresh]
-                both = torch.cat([r1, r1 + s]) if cfg_scale > 0 else r1
+                both = torch.cat([r1, r1 + s]) if run.cfg_scale > 0 else r1
                 lg = fwd.rows_partial(x, r1, i1, store.select_rows(both))
                 parts.append(((~fresh).nonzero().squeeze(1), lg))
             logits = parts[0][1].new_empty((rows.numel(), *parts[0][1].shape[1:]))
@@ -622,15 +621,15 @@ def generate_continuous(  # noqa: C901, PLR0912, PLR0915  (the slots' schedule i
         at = step[rows]
         k = schedule[rows, at.clamp(max=per_block - 1)] * (at < per_block)
         blk = x[rows].gather(1, idx)
-        blk = _commit_block(blk, logits, k, threshold, mask_id, temperature, remasking, generator)
+        blk = _commit_block(blk, logits, k, run)
         x[rows] = x[rows].scatter(1, idx, blk)
         step[rows] += 1
-        done = (blk != mask_id).all(1)
+        done = (blk != run.mask_id).all(1)
         for j in done.nonzero().squeeze(1).tolist():
             slot = int(rows[j])
-            ended = stop_at_eos and bool(_ends_in_stops(blk[j : j + 1], stop_table)[0])
+            ended = run.stop_at_eos and bool(_ends_in_stops(blk[j : j + 1], stop_table)[0])
             if ended:
-                x[slot, int(idx[j, -1]) + 1 :] = stops[0]
+                x[slot, int(idx[j, -1]) + 1 :] = run.stops[0]
             if ended or int(block[slot]) == blocks - 1:
                 out[int(request[slot])] = x[slot]
                 admit(slot)
@@ -638,8 +637,4 @@ def generate_continuous(  # noqa: C901, PLR0912, PLR0915  (the slots' schedule i
                 block[slot] += 1
                 step[slot] = 0
 
-    call_stats.tokens_committed = n * gen_length
-    call_stats.wall_s = time.perf_counter() - t0
-    if stats is not None:
-        stats.merge(call_stats)
     return out

@@ -10,13 +10,12 @@ scaled down to fit a CPU (head dim 128, FFN 3x hidden, vocabulary scaled down to
 median wall time of ``--repeats`` runs is kept; every ratio is against exact mode in the
 same run. "agree" is the share of completions identical to exact mode's. ``+cont`` decodes
 all of a length's problems through ``--batch`` slots with continuous batching
-(``actors.decoding.generate_continuous``) instead of in chunks of ``--batch``.
+(``actors.decoding.generate`` with ``slots``) instead of in chunks of ``--batch``.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import statistics
 import sys
 from collections.abc import Callable
@@ -27,7 +26,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from actors.decoding import DecodeStats, generate, generate_continuous  # noqa: E402
+from actors.decoding import DecodeStats, generate  # noqa: E402
 
 MODES: dict[str, dict] = {
     "exact": {},
@@ -154,12 +153,11 @@ def bench_demo(args: argparse.Namespace) -> None:
             stats = DecodeStats()
             outputs: list[str] = []
             mode = dict(mode)
-            decode, parts = generate, chunks
+            parts, slots = chunks, None
             if mode.pop("continuous", False):
-                decode = functools.partial(generate_continuous, slots=width)
-                parts = [encode_prompts(loaded.tokenizer, texts[:n])]
+                parts, slots = [encode_prompts(loaded.tokenizer, texts[:n])], width
             for ids, mask in parts:
-                out = decode(
+                out = generate(
                     loaded.model,
                     ids,
                     mask,
@@ -169,6 +167,7 @@ def bench_demo(args: argparse.Namespace) -> None:
                     mask_id=loaded.mask_token_id,
                     eos_id=loaded.eos_token_id,
                     stop_ids=loaded.stop_token_ids,
+                    slots=slots,
                     stats=stats,
                     **mode,
                 )

@@ -1,15 +1,14 @@
-"""The built-in PyTorch rollout engine: :func:`actors.decoding.generate` in batches, or
-:func:`actors.decoding.generate_continuous` over slots (``continuous_batching``)."""
+"""The built-in PyTorch rollout engine: :func:`actors.decoding.generate` in batches, or over
+slots (``continuous_batching``)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from functools import partial
 from typing import Any
 
 import torch
 
-from actors.decoding import DecodeStats, generate, generate_continuous
+from actors.decoding import DecodeStats, generate
 from actors.engines import DecodeOptions, EngineOutput, register_engine
 from embr_rl.core.models.tokenizer import left_pad
 from embr_rl.core.transport import (
@@ -26,7 +25,7 @@ class TorchEngine:
     Prompts are decoded ``max_batch_size`` at a time (the left padding of a chunk is its
     longest prompt); with ``options.continuous_batching`` all of a call's prompts share
     ``max_batch_size`` slots instead, a finished row's slot taken by the next prompt at once
-    (:func:`~actors.decoding.generate_continuous`). ``seed`` seeds one generator per call, so a call is reproducible.
+    (:func:`~actors.decoding.generate` with ``slots``). ``seed`` seeds one generator per call, so a call is reproducible.
     ``eos_id`` and ``stop_ids`` (end-of-turn ids) are the stop ids of ``suppress_eos`` and
     ``stop_at_eos``; the fill after a stop is ``eos_id``.
     """
@@ -76,10 +75,7 @@ class TorchEngine:
             for i in range(0, len(prompts), max(chunk, 1)):
                 ids, mask = left_pad(prompts[i : i + chunk], self.pad_id)
                 ids, mask = ids.to(device), mask.to(device)
-                decode = generate
-                if options.continuous_batching:
-                    decode = partial(generate_continuous, slots=self.max_batch_size)
-                out = decode(
+                out = generate(
                     self.model,
                     ids,
                     mask,
@@ -96,6 +92,7 @@ class TorchEngine:
                     stop_ids=self.stop_ids,
                     suppress_eos=options.suppress_eos,
                     stop_at_eos=options.stop_at_eos,
+                    slots=self.max_batch_size if options.continuous_batching else None,
                     generator=gen,
                     stats=stats,
                 )

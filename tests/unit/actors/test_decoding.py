@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-from actors.decoding import DecodeStats, generate, generate_continuous, num_transfer_tokens
+from actors.decoding import DecodeStats, generate, num_transfer_tokens
 from tests.conftest import TINY_MASK_ID, TINY_VOCAB, build_tiny_model
 
 
@@ -580,7 +580,7 @@ def test_continuous_batching_decodes_every_row_as_generate_does(
     kw = dict(gen_length=12, block_length=4, steps=12, mask_id=TINY_MASK_ID, **fast)
     want_stats, got_stats = DecodeStats(), DecodeStats()
     want = generate(sharp_model, ids, mask, stats=want_stats, **kw)
-    got = generate_continuous(sharp_model, ids, mask, slots=slots, stats=got_stats, **kw)
+    got = generate(sharp_model, ids, mask, slots=slots, stats=got_stats, **kw)
     assert torch.equal(got, want)
     # Each row costs what it costs in the batch decoder: the same positions in all.
     assert got_stats.positions_computed == want_stats.positions_computed
@@ -595,7 +595,7 @@ def test_continuous_batching_refills_a_stopped_rows_slot_at_once() -> None:
     kw |= dict(stop_ids=[EOT], stop_at_eos=True)
     want = generate(_Script(), ids, **kw)
     stats = DecodeStats()
-    got = generate_continuous(_Script(), ids, slots=2, stats=stats, **kw)
+    got = generate(_Script(), ids, slots=2, stats=stats, **kw)
     assert torch.equal(got, want)
     # Blocks decoded: 1 + 3 + 1 + 2 = 7, 4 steps each, the same positions as the batch decoder.
     assert stats.positions_computed == 14 * 4 * 7
@@ -607,7 +607,7 @@ def test_continuous_batching_refills_a_stopped_rows_slot_at_once() -> None:
 def test_continuous_batching_samples_every_position_and_checks_its_arguments(tiny_model) -> None:
     ids, mask = _seven_prompts()
     kw = dict(gen_length=8, block_length=4, steps=4, mask_id=TINY_MASK_ID)
-    out = generate_continuous(
+    out = generate(
         tiny_model,
         ids,
         mask,
@@ -618,6 +618,6 @@ def test_continuous_batching_samples_every_position_and_checks_its_arguments(tin
     )
     assert torch.equal(out[:, :6], ids) and not (out == TINY_MASK_ID).any()
     with pytest.raises(ValueError, match="not 'prefix'"):
-        generate_continuous(tiny_model, ids, mask, slots=2, cache="prefix", **kw)
+        generate(tiny_model, ids, mask, slots=2, cache="prefix", **kw)
     with pytest.raises(ValueError, match="slots must be >= 1"):
-        generate_continuous(tiny_model, ids, mask, slots=0, **kw)
+        generate(tiny_model, ids, mask, slots=0, **kw)
