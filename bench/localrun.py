@@ -180,6 +180,17 @@ def read_records(path: Path) -> list[dict[str, Any]]:
     return list(by_key.values())
 
 
+def changed_records(jobs: Sequence[Job], out: Path) -> list[str]:
+    """The finished runs in ``out`` whose recorded overrides differ from their job's (a tuned
+    setting changed since they ran), each as ``key: recorded -> planned``."""
+    planned = {j.key: list(j.overrides) for j in jobs}
+    return [
+        f"{r['key']}: {' '.join(r['overrides'])} -> {' '.join(planned[r['key']])}"
+        for r in read_records(out)
+        if r["key"] in planned and r.get("overrides", planned[r["key"]]) != planned[r["key"]]
+    ]
+
+
 def run_many(
     jobs: Sequence[Job],
     out: Path,
@@ -190,6 +201,13 @@ def run_many(
     """Run the jobs whose keys ``out`` does not yet hold, ``processes`` at a time, appending
     records; returns how many ran."""
     out.parent.mkdir(parents=True, exist_ok=True)
+    stale = changed_records(jobs, out)
+    if stale:
+        shown = "; ".join(stale[:3]) + (f"; and {len(stale) - 3} more" if len(stale) > 3 else "")
+        raise ValueError(
+            f"{out} holds finished runs whose settings differ from the plan now ({shown}); "
+            "delete those records (or pass another --out) to run them again"
+        )
     finished = done_keys(out)
     todo = [j for j in jobs if j.key not in finished]
     log(f"{len(jobs) - len(todo)} of {len(jobs)} runs already in {out}; {len(todo)} to run")

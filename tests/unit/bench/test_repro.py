@@ -15,9 +15,11 @@ from bench.localrun import (
     RECORDS,
     REPO,
     Job,
+    changed_records,
     done_keys,
     make_offline_dataset,
     read_records,
+    run_many,
     run_one,
 )
 
@@ -230,6 +232,20 @@ def test_a_command_cut_short_is_logged_with_the_records_it_added(
     monkeypatch.setattr(repro, "run_many", lambda jobs, out, *, processes: 0)
     assert repro.run_logged([], path, log, "repro --report", processes=1) == 0
     assert len(log.read_text().splitlines()) == 1  # nothing added, nothing logged
+
+
+def test_a_record_run_at_other_settings_is_refused_not_reused(tmp_path: Path) -> None:
+    out = tmp_path / "results.jsonl"
+    old = _rec("online", "embr_u", 0, 0.3) | {"overrides": ["algo.name=embr_u", "learner.lr=1e-4"]}
+    out.write_text(json.dumps(old) + "\n")
+    same = Job(old["key"], ("algo.name=embr_u", "learner.lr=1e-4"), 20, "test", (20,))
+    assert run_many([same], out, processes=1, log=lambda _: None) == 0  # finished: skipped
+    moved = dataclasses.replace(same, overrides=("algo.name=embr_u", "learner.lr=2e-4"))
+    assert changed_records([moved], out) == [
+        f"{old['key']}: algo.name=embr_u learner.lr=1e-4 -> algo.name=embr_u learner.lr=2e-4"
+    ]
+    with pytest.raises(ValueError, match="delete those records"):
+        run_many([moved], out, processes=1, log=lambda _: None)
 
 
 def test_write_docs_replaces_only_the_marked_block(tmp_path: Path) -> None:
