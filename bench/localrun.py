@@ -180,15 +180,28 @@ def read_records(path: Path) -> list[dict[str, Any]]:
     return list(by_key.values())
 
 
+def _normalised(overrides: Sequence[str]) -> list[str]:
+    """``key=value`` overrides with path values (``*_path``, ``*_dir``) made absolute."""
+    out = []
+    for o in overrides:
+        k, _, v = o.partition("=")
+        out.append(f"{k}={Path(v).resolve()}" if k.endswith(("_path", "_dir")) else o)
+    return out
+
+
 def changed_records(jobs: Sequence[Job], out: Path) -> list[str]:
     """The finished runs in ``out`` whose recorded overrides differ from their job's (a tuned
-    setting changed since they ran), each as ``key: recorded -> planned``."""
-    planned = {j.key: list(j.overrides) for j in jobs}
-    return [
-        f"{r['key']}: {' '.join(r['overrides'])} -> {' '.join(planned[r['key']])}"
-        for r in read_records(out)
-        if r["key"] in planned and r.get("overrides", planned[r["key"]]) != planned[r["key"]]
-    ]
+    setting changed since they ran), each as ``key: only-recorded -> only-planned``."""
+    planned = {j.key: _normalised(j.overrides) for j in jobs}
+    changed = []
+    for r in read_records(out):
+        now = planned.get(r["key"])
+        was = _normalised(r.get("overrides", [])) if now is not None else None
+        if now is not None and was != now:
+            gone = " ".join(o for o in was if o not in now) or "(default)"
+            new = " ".join(o for o in now if o not in was) or "(same, reordered)"
+            changed.append(f"{r['key']}: {gone} -> {new}")
+    return changed
 
 
 def run_many(

@@ -53,6 +53,7 @@ from bench.localrun import (
     RECORDS,
     REPO,
     Job,
+    changed_records,
     done_keys,
     make_offline_dataset,
     markers,
@@ -391,6 +392,19 @@ def chosen_embr(present: Sequence[str], tuned: Mapping[str, Any] | None) -> tupl
     return pick, "the demo's EMBR variant (no validation figure for every variant)"
 
 
+def _grouped_by_seed(changed: Sequence[str]) -> list[str]:
+    """``key: was -> now`` lines merged over seeds: one bullet per run family and change."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for line in changed:
+        key, change = line.split(": ", 1)
+        family, _, seed = key.rpartition("/seed")
+        groups.setdefault((family or key, change), []).append(seed)
+    return [
+        f"- `{fam}` (seeds {', '.join(seeds)}): `{change.replace(' -> ', '` -> `')}`"
+        for (fam, change), seeds in groups.items()
+    ]
+
+
 def build_report(  # noqa: C901, PLR0912, PLR0915  (report assembly, one table after another)
     records: Sequence[Mapping[str, Any]],
     tuned: Mapping[str, Any] | None,
@@ -398,9 +412,11 @@ def build_report(  # noqa: C901, PLR0912, PLR0915  (report assembly, one table a
     *,
     image: str = "curves.png",
     sweep_points: Mapping[str, int] | None = None,
+    earlier: Sequence[str] = (),
 ) -> str:
     """The study's markdown, from the records alone (``sweep_points``: each method's points in
-    the sweep's records, its tuning budget)."""
+    the sweep's records, its tuning budget; ``earlier``: the records run at settings other
+    than the plan's now, as :func:`bench.localrun.changed_records` lists them)."""
     base_rec = next((r for r in records if r.get("setting") == "base"), None)
     if base_rec is None:
         raise ValueError("no base-model evaluation in the records")
@@ -447,6 +463,23 @@ def build_report(  # noqa: C901, PLR0912, PLR0915  (report assembly, one table a
             ],
         )
     )
+
+    def mixed(setting: str) -> str:
+        """A warning for a claim whose ``setting`` runs include records at earlier settings."""
+        if any(e.startswith(f"{setting}/") for e in earlier):
+            return f" (its {setting} runs are at earlier settings, listed above)"
+        return ""
+
+    if earlier:
+        lines += [
+            "",
+            f"**Runs at earlier settings.** {len(earlier)} records were run before "
+            "`bench/tuned.json` last changed and have not been rerun; their tables and the "
+            "claims that use them mix those settings with the ones above (recorded -> "
+            "planned now):",
+            "",
+            *_grouped_by_seed(earlier),
+        ]
     lines += ["", "### Online: final test accuracy", ""]
     finals = {a: t_interval(_final(r)) for a, r in online.items()}
     lines.append(
@@ -569,7 +602,8 @@ def build_report(  # noqa: C901, PLR0912, PLR0915  (report assembly, one table a
             d = _paired_diff(online[pick], online[b])
             claims.append(
                 f"- **EMBR >= {LABELS[b]} online** ({LABELS[pick]}, {why}, "
-                f"minus {LABELS[b]}: {fmt(d, signed=True)} points): {verdict(d)}."
+                f"minus {LABELS[b]}: {fmt(d, signed=True)} points): {verdict(d)}"
+                f"{mixed('online')}."
             )
         best_e = max(embr_present, key=lambda a: finals[a].mean)
         if best_e != pick:
@@ -586,7 +620,8 @@ def build_report(  # noqa: C901, PLR0912, PLR0915  (report assembly, one table a
         if hi in online and lo in online:
             d = _paired_diff(online[hi], online[lo])
             claims.append(
-                f"- **{LABELS[hi]} >= {LABELS[lo]}** ({fmt(d, signed=True)} points): {verdict(d)}."
+                f"- **{LABELS[hi]} >= {LABELS[lo]}** ({fmt(d, signed=True)} points): {verdict(d)}"
+                f"{mixed('online')}."
             )
     off_embr = [a for a in EMBR if a in offline]
     off_pref = [a for a in ("dpo", "vrpo") if a in offline]
@@ -598,7 +633,7 @@ def build_report(  # noqa: C901, PLR0912, PLR0915  (report assembly, one table a
         claims.append(
             f"- **EMBR > DPO/VRPO offline** ({LABELS[pick]}, {why}, "
             f"minus {LABELS[best_p]}, the preference objective with the better test mean: "
-            f"{fmt(d, signed=True)} points): {verdict(d)}."
+            f"{fmt(d, signed=True)} points): {verdict(d)}{mixed('offline')}."
         )
     else:
         claims.append(
@@ -615,7 +650,7 @@ def build_report(  # noqa: C901, PLR0912, PLR0915  (report assembly, one table a
                 f"no weights vs. its online runs {fmt(c_drop, signed=True)} points "
                 f"({'no significant loss' if c_drop.n > 1 and c_drop.lo <= 0 <= c_drop.hi else verdict(c_drop)}"
                 f"); EMBR-C minus d1-with-ratios at K = {k}: {fmt(d, signed=True)} points: "
-                f"{verdict(d)}."
+                f"{verdict(d)}{mixed('stale')}."
             )
     lines += claims
     lines += ["", "### Commands", ""]
@@ -721,14 +756,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     tuned = None if args.untuned else (json.loads(TUNED.read_text()) if TUNED.exists() else {})
     path = args.out / "results.jsonl"
     log_path = args.out / "commands.jsonl"
-    if not args.report_only:
-        data = args.out / OFFLINE_DATA
-        if "offline" in settings and not data.exists():
-            print(f"offline dataset: {args.offline_rounds} rounds of the base model -> {data}")
-            make_offline_dataset(data, args.offline_rounds)
-        rows = sum(1 for _ in data.open()) if data.exists() else 0
+    data = args.out / OFFLINE_DATA
+    if not args.report_only and "offline" in settings and not data.exists():
+        print(f"offline dataset: {args.offline_rounds} rounds of the base model -> {data}")
+        make_offline_dataset(data, args.offline_rounds)
+    rows = sum(1 for _ in data.open()) if data.exists() else 0
+
+    def planned(settings: Sequence[str], algos: Sequence[str]) -> list[Job]:
         try:
-            jobs = plan(
+            return plan(
                 seeds,
                 settings,
                 steps=args.steps,
@@ -741,8 +777,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         except KeyError as exc:
             p.error(str(exc.args[0]))
+
+    if not args.report_only:
         cmd = shlex.join([".venv/bin/python", "bench/repro.py", *(argv or sys.argv[1:])])
-        run_logged(jobs, path, log_path, cmd, processes=args.processes)
+        run_logged(planned(settings, algos), path, log_path, cmd, processes=args.processes)
+    # Records the full study would now run at other settings (tuned.json changed since).
+    earlier = changed_records(planned(SETTINGS, ONLINE), path)
     records = read_records(path)
     commands = (
         [json.loads(x) for x in log_path.read_text().splitlines()] if log_path.exists() else []
@@ -751,7 +791,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if base is None:
         p.error(f"{path} holds no base-model evaluation; run the study first")
     curves = plot(records, float(base["final_accuracy"]), args.out / "curves.png")
-    report = build_report(records, tuned, commands, sweep_points=sweep_points())
+    report = build_report(records, tuned, commands, sweep_points=sweep_points(), earlier=earlier)
     (args.out / "report.md").write_text(report)
     if args.write_docs:
         img = DOCS_IMG if args.block == "repro" else DOCS_IMG.with_name(f"{args.block}_curves.png")
