@@ -363,7 +363,7 @@ class EvalConfig:
     cache: str | None = field_(None, choices=[None, "prefix", "dual"])
     stop_at_eos: bool = False
     # Continuous batching over batch_size slots (docs/decoding.md); the in-run evaluator
-    # decodes all problems in one call, the CLI batch_size at a time for its progress line.
+    # decodes all problems in one call, the CLI 8 x batch_size at a time for its progress line.
     continuous_batching: bool = False
     num_show: int = field_(3, ge=0)
     # Evaluate the starting policy before the first learner step (the "before" number).

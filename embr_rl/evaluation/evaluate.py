@@ -64,6 +64,11 @@ class EvalResult:
     stats: DecodeStats = field(default_factory=DecodeStats)
 
 
+# With continuous batching and a progress line, problems go to the slots this many
+# ``batch_size``s at a time: the slots refill within a call, and progress still moves.
+SLOT_CHUNKS = 8
+
+
 def evaluate(
     loaded: LoadedModel,
     problems: Sequence[Problem],
@@ -79,8 +84,9 @@ def evaluate(
     """Decode every problem once with the built-in engine and score it; ``group_key`` splits
     accuracy by a metadata field.
 
-    With ``progress``, problems are decoded ``cfg.batch_size`` at a time and
-    ``progress(n)`` is called after each batch is scored."""
+    With ``progress``, problems are decoded ``cfg.batch_size`` at a time (with
+    ``cfg.continuous_batching``, :data:`SLOT_CHUNKS` times that many through the slots, so
+    finished rows are still replaced) and ``progress(n)`` is called after each is scored."""
     tok = loaded.tokenizer
     scorer = scorer or correctness_scorer()
     engine = TorchEngine(
@@ -94,7 +100,8 @@ def evaluate(
     options = DecodeOptions.from_config(cfg)
     samples: list[dict[str, Any]] = []
     stats = DecodeStats()
-    for chunk, chunk_seed in _chunks(problems, cfg.batch_size if progress else None, seed):
+    size = cfg.batch_size * (SLOT_CHUNKS if cfg.continuous_batching else 1)
+    for chunk, chunk_seed in _chunks(problems, size if progress else None, seed):
         texts, prompts = encode_problems(chunk, tok, prompt_format, chat_template)
         out = engine.generate(prompts, options, seed=chunk_seed)
         stats.merge(out.stats)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import itertools
 import json
@@ -303,6 +304,12 @@ def test_evaluate_with_progress_reports_batches_and_keeps_greedy_results(tiny_mo
     assert seen == [2, 2, 1]
     assert plain.samples == tracked.samples
     assert plain.stats.forward_passes == tracked.stats.forward_passes == 12
+    # Through slots: a progress call per SLOT_CHUNKS batches (here all five problems at once),
+    # the same greedy completions.
+    slotted = dataclasses.replace(cfg, continuous_batching=True)
+    seen.clear()
+    assert evaluate(loaded, problems, slotted, progress=seen.append).samples == plain.samples
+    assert seen == [5]
 
 
 def test_correctness_scorer_counts_passed_code_as_correct() -> None:
