@@ -189,18 +189,36 @@ def _normalised(overrides: Sequence[str]) -> list[str]:
     return out
 
 
-def changed_records(jobs: Sequence[Job], out: Path) -> list[str]:
+@dataclass(frozen=True)
+class Changed:
+    """A finished run whose recorded overrides differ from its job's now: the overrides only
+    the record has (``was``) and those only the plan has (``now``)."""
+
+    key: str
+    was: tuple[str, ...]
+    now: tuple[str, ...]
+
+    def change(self) -> str:
+        """``was -> now``; an empty side was the schema default."""
+        return f"{' '.join(self.was) or '(default)'} -> {' '.join(self.now) or '(default)'}"
+
+    def __str__(self) -> str:
+        return f"{self.key}: {self.change()}"
+
+
+def changed_records(jobs: Sequence[Job], out: Path) -> list[Changed]:
     """The finished runs in ``out`` whose recorded overrides differ from their job's (a tuned
-    setting changed since they ran), each as ``key: only-recorded -> only-planned``."""
+    setting changed since they ran)."""
     planned = {j.key: _normalised(j.overrides) for j in jobs}
     changed = []
     for r in read_records(out):
         now = planned.get(r["key"])
-        was = _normalised(r.get("overrides", [])) if now is not None else None
-        if now is not None and was != now:
-            gone = " ".join(o for o in was if o not in now) or "(default)"
-            new = " ".join(o for o in now if o not in was) or "(same, reordered)"
-            changed.append(f"{r['key']}: {gone} -> {new}")
+        if now is None:
+            continue
+        was = _normalised(r.get("overrides", []))
+        if was != now:
+            gone = tuple(o for o in was if o not in now)
+            changed.append(Changed(r["key"], gone, tuple(o for o in now if o not in was)))
     return changed
 
 
@@ -216,7 +234,9 @@ def run_many(
     out.parent.mkdir(parents=True, exist_ok=True)
     stale = changed_records(jobs, out)
     if stale:
-        shown = "; ".join(stale[:3]) + (f"; and {len(stale) - 3} more" if len(stale) > 3 else "")
+        shown = "; ".join(map(str, stale[:3])) + (
+            f"; and {len(stale) - 3} more" if len(stale) > 3 else ""
+        )
         raise ValueError(
             f"{out} holds finished runs whose settings differ from the plan now ({shown}); "
             "delete those records (or pass another --out) to run them again"

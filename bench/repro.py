@@ -52,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.localrun import (
     RECORDS,
     REPO,
+    Changed,
     Job,
     changed_records,
     done_keys,
@@ -392,13 +393,12 @@ def chosen_embr(present: Sequence[str], tuned: Mapping[str, Any] | None) -> tupl
     return pick, "the demo's EMBR variant (no validation figure for every variant)"
 
 
-def _grouped_by_seed(changed: Sequence[str]) -> list[str]:
-    """``key: was -> now`` lines merged over seeds: one bullet per run family and change."""
+def _grouped_by_seed(changed: Sequence[Changed]) -> list[str]:
+    """One bullet per run family and change, its seeds merged."""
     groups: dict[tuple[str, str], list[str]] = {}
-    for line in changed:
-        key, change = line.split(": ", 1)
-        family, _, seed = key.rpartition("/seed")
-        groups.setdefault((family or key, change), []).append(seed)
+    for c in changed:
+        family, _, seed = c.key.rpartition("/seed")
+        groups.setdefault((family or c.key, c.change()), []).append(seed)
     return [
         f"- `{fam}` (seeds {', '.join(seeds)}): `{change.replace(' -> ', '` -> `')}`"
         for (fam, change), seeds in groups.items()
@@ -412,7 +412,7 @@ def build_report(  # noqa: C901, PLR0912, PLR0915  (report assembly, one table a
     *,
     image: str = "curves.png",
     sweep_points: Mapping[str, int] | None = None,
-    earlier: Sequence[str] = (),
+    earlier: Sequence[Changed] = (),
 ) -> str:
     """The study's markdown, from the records alone (``sweep_points``: each method's points in
     the sweep's records, its tuning budget; ``earlier``: the records run at settings other
@@ -466,7 +466,7 @@ def build_report(  # noqa: C901, PLR0912, PLR0915  (report assembly, one table a
 
     def mixed(setting: str) -> str:
         """A warning for a claim whose ``setting`` runs include records at earlier settings."""
-        if any(e.startswith(f"{setting}/") for e in earlier):
+        if any(e.key.startswith(f"{setting}/") for e in earlier):
             return f" (its {setting} runs are at earlier settings, listed above)"
         return ""
 

@@ -14,6 +14,7 @@ from bench import repro, sweep
 from bench.localrun import (
     RECORDS,
     REPO,
+    Changed,
     Job,
     changed_records,
     done_keys,
@@ -241,13 +242,14 @@ def test_a_record_run_at_other_settings_is_refused_not_reused(tmp_path: Path) ->
     same = Job(old["key"], ("algo.name=embr_u", "learner.lr=1e-4"), 20, "test", (20,))
     assert run_many([same], out, processes=1, log=lambda _: None) == 0  # finished: skipped
     moved = dataclasses.replace(same, overrides=("algo.name=embr_u", "learner.lr=2e-4"))
-    assert changed_records([moved], out) == [f"{old['key']}: learner.lr=1e-4 -> learner.lr=2e-4"]
+    (c,) = changed_records([moved], out)
+    assert str(c) == f"{old['key']}: learner.lr=1e-4 -> learner.lr=2e-4"
     with pytest.raises(ValueError, match="delete those records"):
         run_many([moved], out, processes=1, log=lambda _: None)
 
 
 def test_report_lists_runs_at_earlier_settings_and_flags_their_claims() -> None:
-    earlier = [f"online/d1/seed{s}: (default) -> algo.kl_coef=0.0" for s in (0, 1)]
+    earlier = [Changed(f"online/d1/seed{s}", (), ("algo.kl_coef=0.0",)) for s in (0, 1)]
     text = repro.build_report(_records(), TUNED, [], earlier=earlier)
     assert "2 records were run before" in text
     assert "- `online/d1` (seeds 0, 1): `(default)` -> `algo.kl_coef=0.0`" in text
