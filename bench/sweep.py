@@ -5,11 +5,16 @@
     .venv/bin/python bench/sweep.py --out bench/records/sweep [--algos embr_c,d1] [--steps 50] [--stages 1]
     .venv/bin/python bench/sweep.py --out bench/records/sweep --report-only
 
-Every algorithm gets the same budget: ``--steps`` learner steps of 128 rows per point, 5
-points (3 with ``--stages 1``), one seed. Stage 1 tries three learning rates with the
-algorithm's other settings at their defaults; stage 2, at the stage-1 winner's learning
-rate, tries two values of the algorithm's own main knob (``STAGE2``). The point with the highest greedy accuracy on the
-500 validation problems (``task.test_split=validation``) wins. The run writes
+Every algorithm gets the same budget in stages 1 and 2: ``--steps`` learner steps of 128
+rows per point, 5 points (3 with ``--stages 1``), one seed. Stage 1 tries three learning
+rates with the algorithm's other settings at their defaults; stage 2, at the stage-1
+winner's learning rate, tries two values of the algorithm's own main knob (``STAGE2``). The
+point with the highest greedy accuracy on the 500 validation problems
+(``task.test_split=validation``) wins. Stage 3 (``--stages 3``), at that winner, changes one
+shared setting at a time (``STAGE3_AXES``: warm-up, mask draws, reward normalisation, EUBO
+order), each for the algorithms whose loss reads it (``STAGE3``); a stage-3 point replaces
+the winner only when it beats it on the same validation problems by an exact sign test at
+``ADOPT_P`` (one seed: a smaller gain is within the noise of the evaluation alone). The run writes
 ``<out>/sweep.jsonl`` (one record per point), ``<out>/sweep.md`` (the tables) and
 ``bench/tuned.json`` (each algorithm's winning overrides, which bench/repro.py reads);
 ``--write-docs`` puts the tables into docs/results.md between its ``sweep:begin``/``sweep:end``
@@ -48,6 +53,30 @@ STAGE2: dict[str, tuple[tuple[str, ...], ...]] = {
     # BGPO (our reading): its point is many draws per response; and its anchor off (ours).
     "bgpo": (("algo.kl_coef=0.0",), ("algo.num_mc_samples=8",)),
 }
+# Stage 3: one shared setting changed at a time from the stage-2 winner. Warm-up: 10% of the
+# sweep's 50 steps; draws: half the default (issue 19: the learner's cost is linear in them);
+# reward z-scoring per group (centring alone cancels in EMBR-C/U's pair differences); a
+# higher EUBO order gamma (1.5 default).
+STAGE3_AXES: dict[str, tuple[str, ...]] = {
+    "warmup": ("learner.warmup_steps=5",),
+    "draws": ("algo.num_mc_samples=2",),
+    "reward_norm": ("algo.reward_norm=scale",),
+    "eubo_gamma": ("algo.eubo_gamma=3.0",),
+}
+# The axes each algorithm's loss reads: d1 and wd1 score one step (no draws), only the EMBR
+# losses normalise rewards (the policy-gradient ones z-score their advantages already), the
+# EUBO is EMBR-U's and SPG's.
+STAGE3: dict[str, tuple[str, ...]] = {
+    "embr_e": ("warmup", "draws", "reward_norm"),
+    "embr_c": ("warmup", "draws", "reward_norm"),
+    "embr_u": ("warmup", "draws", "reward_norm", "eubo_gamma"),
+    "d1": ("warmup",),
+    "wd1": ("warmup",),
+    "unigrpo": ("warmup", "draws"),
+    "spg": ("warmup", "draws", "eubo_gamma"),
+    "bgpo": ("warmup", "draws"),
+}
+ADOPT_P = 0.05
 TUNED = REPO / "bench" / "tuned.json"
 DOCS = REPO / "docs" / "results.md"
 
@@ -69,11 +98,31 @@ def stage1(algos: list[str], steps: int) -> list[Job]:
 
 
 def best(records: list[dict[str, Any]], algo: str, stage: int | None = None) -> dict[str, Any]:
-    """The highest-validation-accuracy record of ``algo`` (of ``stage`` when given)."""
+    """``algo``'s winner: of ``stage`` when given, else over all stages.
+
+    Stages 1 and 2 pick the highest validation accuracy; a stage-3 point replaces that winner
+    only when :func:`versus` gives it a higher accuracy at sign-test p < ``ADOPT_P``.
+    """
     rows = [r for r in records if r["algo"] == algo and (stage is None or r["stage"] == stage)]
-    if not rows:
-        raise ValueError(f"no finished sweep point for {algo!r}")
-    return max(rows, key=lambda r: (r["final_accuracy"], -r["stage"]))
+    early = [r for r in rows if r["stage"] < 3]
+    if not rows or (stage is None and not early):
+        raise ValueError(
+            f"no finished sweep point for {algo!r}" + (f" in stage {stage}" if stage else "")
+        )
+    if stage is not None:
+        return max(rows, key=lambda r: r["final_accuracy"])
+    incumbent = max(early, key=lambda r: (r["final_accuracy"], -r["stage"]))
+    adopted = [r for r in rows if r["stage"] == 3 and versus(r, incumbent)[2] < ADOPT_P
+               and r["final_accuracy"] > incumbent["final_accuracy"]]  # fmt: skip
+    return max(adopted, key=lambda r: r["final_accuracy"]) if adopted else incumbent
+
+
+def versus(rec: dict[str, Any], other: dict[str, Any]) -> tuple[int, int, float]:
+    """Validation problems ``rec`` solves and ``other`` does not, the reverse, exact sign-test p."""
+    from embr_rl.report import paired_flips, sign_test_p
+
+    fixed, broken = paired_flips(other.get("final_rewards", {}), rec.get("final_rewards", {}))
+    return fixed, broken, sign_test_p(fixed, broken)
 
 
 def _lr_of(rec: dict[str, Any]) -> str:
@@ -99,6 +148,19 @@ def stage2(algos: list[str], steps: int, records: list[dict[str, Any]]) -> list[
     return jobs
 
 
+def stage3(algos: list[str], steps: int, records: list[dict[str, Any]]) -> list[Job]:
+    """One ``STAGE3_AXES`` setting at a time on each algorithm's stage-1/2 winner."""
+    jobs = []
+    for a in algos:
+        base = [o for o in tuned_overrides(best([r for r in records if r["stage"] < 3], a))]
+        for axis in STAGE3[a]:
+            change = STAGE3_AXES[axis]
+            keys = {c.split("=", 1)[0] for c in change}
+            kept = [o for o in base if o.split("=", 1)[0] not in keys]
+            jobs.append(_job(a, axis, (*kept, *change), steps, 3))
+    return jobs
+
+
 def tuned_overrides(rec: dict[str, Any]) -> list[str]:
     """The winning point's overrides, less the algorithm name and seed."""
     return [o for o in rec["overrides"] if not o.startswith(("algo.name=", "seed="))]
@@ -120,6 +182,28 @@ def report(records: list[dict[str, Any]], algos: list[str], steps: int) -> str:
                 f"| {a} | {r['stage']} | {r['point']} | {r['final_accuracy']:.3f} | "
                 f"{sum(tail) / max(len(tail), 1):.3f} | {r['seconds']:.0f} |"
             )
+    third = [r for r in records if r["algo"] in algos and r["stage"] == 3]
+    if third:
+        lines += [
+            "",
+            f"Stage 3, one shared setting changed from the stage-1/2 winner, paired on the same "
+            f"validation problems (adopted at exact sign-test p < {ADOPT_P}):",
+            "",
+            "| algorithm | setting | validation accuracy | vs winner | solved only here / only there | p | adopted |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for a in algos:
+            early = [r for r in records if r["algo"] == a and r["stage"] < 3]
+            if not early:
+                continue
+            inc, chosen = best(early, a), best(records, a)
+            for r in sorted((r for r in third if r["algo"] == a), key=lambda r: r["key"]):
+                fixed, broken, pv = versus(r, inc)
+                lines.append(
+                    f"| {a} | `{' '.join(STAGE3_AXES.get(r['point'], (r['point'],)))}` | "
+                    f"{r['final_accuracy']:.3f} | {100 * (r['final_accuracy'] - inc['final_accuracy']):+.1f} | "
+                    f"{fixed} / {broken} | {pv:.2g} | {'yes' if r is chosen else 'no'} |"
+                )
     lines += ["", "| algorithm | chosen settings | validation accuracy |", "|---|---|---|"]
     for a in algos:
         if any(r["algo"] == a for r in records):
@@ -134,7 +218,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--algos", default=",".join(ALGOS))
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--processes", type=int, default=2)
-    p.add_argument("--stages", type=int, choices=(1, 2), default=2, help="1: learning rates only")
+    p.add_argument(
+        "--stages",
+        type=int,
+        choices=(1, 2, 3),
+        default=2,
+        help="1: learning rates only; 3: also the shared settings (STAGE3_AXES)",
+    )
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--write-docs", action="store_true", help="the tables into docs/results.md")
     p.add_argument(
@@ -150,8 +240,10 @@ def main(argv: list[str] | None = None) -> int:
     path = args.out / "sweep.jsonl"
     if not args.report_only:
         run_many(stage1(algos, args.steps), path, processes=args.processes)
-        if args.stages == 2:
+        if args.stages >= 2:
             run_many(stage2(algos, args.steps, read_records(path)), path, processes=args.processes)
+        if args.stages == 3:
+            run_many(stage3(algos, args.steps, read_records(path)), path, processes=args.processes)
     records = read_records(path)
     (args.out / "sweep.md").write_text(report(records, algos, args.steps))
     tuned = json.loads(TUNED.read_text()) if TUNED.exists() else {}

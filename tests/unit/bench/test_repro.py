@@ -310,6 +310,49 @@ def test_sweep_stage2_tries_each_knob_at_the_stage1_winner() -> None:
     assert all(j.eval_split == "validation" for j in sweep.stage1(list(sweep.ALGOS), 5))
 
 
+def _point(stage: int, point: str, overrides: list[str], solved: int) -> dict[str, Any]:
+    """A sweep record of embr_c that solves the first ``solved`` of 100 validation problems."""
+    rewards = {f"v{i}": float(i < solved) for i in range(100)}
+    return {"algo": "embr_c", "stage": stage, "point": point, "key": f"embr_c/{point}",
+            "overrides": ["algo.name=embr_c", "seed=0", *overrides],
+            "final_accuracy": solved / 100, "final_rewards": rewards, "reward_curve": [0.1],
+            "seconds": 1.0}  # fmt: skip
+
+
+def test_sweep_stage3_changes_one_shared_setting_and_adopts_only_a_significant_gain() -> None:
+    early = [
+        _point(1, "lr1.0e-4", ["learner.lr=1.0e-4"], 30),
+        _point(2, "lr=1.0e-4+beta=0.02", ["learner.lr=1.0e-4", "algo.beta=0.02"], 40),
+    ]
+    jobs = sweep.stage3(["embr_c"], 10, early)
+    assert [j.meta["point"] for j in jobs] == list(sweep.STAGE3["embr_c"])
+    draws = next(j for j in jobs if j.meta["point"] == "draws")
+    assert draws.overrides[2:] == ("learner.lr=1.0e-4", "algo.beta=0.02", "algo.num_mc_samples=2")
+    assert all(j.eval_split == "validation" and j.meta["stage"] == 3 for j in jobs)
+    # Every axis a stage-3 algorithm names exists, and every online algorithm has stage 3.
+    assert set(sweep.STAGE3) == set(sweep.ALGOS)
+    assert all(set(v) <= set(sweep.STAGE3_AXES) for v in sweep.STAGE3.values())
+
+    # 43 vs 40 on the same problems: 3 flips, p = 0.25, the stage-2 winner stays.
+    small = _point(
+        3, "warmup", ["learner.lr=1.0e-4", "algo.beta=0.02", "learner.warmup_steps=5"], 43
+    )
+    assert sweep.versus(small, early[1]) == (3, 0, 0.25)
+    assert sweep.best([*early, small], "embr_c") is early[1]
+    # 60 vs 40: 20 flips one way, p ~ 2e-6, adopted.
+    big = _point(3, "draws", list(draws.overrides[2:]), 60)
+    assert sweep.best([*early, small, big], "embr_c") is big
+    assert sweep.best([*early, small, big], "embr_c", stage=2) is early[1]
+    # A stage-3 point below the winner is never adopted, however significant.
+    worse = _point(3, "reward_norm", ["learner.lr=1.0e-4", "algo.beta=0.02"], 10)
+    assert sweep.best([*early, worse], "embr_c") is early[1]
+    table = sweep.report([*early, small, big], ["embr_c"], 10)
+    assert "| embr_c | `algo.num_mc_samples=2` | 0.600 | +20.0 | 20 / 0 |" in table
+    assert table.count("| yes |") == 1
+    with pytest.raises(ValueError, match="embr_c"):
+        sweep.best([big], "embr_c")
+
+
 def test_tuned_settings_come_from_the_sweep() -> None:
     """bench/tuned.json is what bench/sweep.py wrote: one entry per online method, each with
     overrides that configs/demo.yaml accepts and the validation accuracy that chose them."""
