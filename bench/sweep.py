@@ -24,6 +24,7 @@ markers.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -31,7 +32,16 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.localrun import RECORDS, REPO, Job, markers, read_records, run_many, write_block
+from bench.localrun import (
+    RECORDS,
+    REPO,
+    Job,
+    make_offline_dataset,
+    markers,
+    read_records,
+    run_many,
+    write_block,
+)
 
 ALGOS = ("embr_e", "embr_c", "embr_u", "d1", "wd1", "unigrpo", "spg", "bgpo")
 STAGE1_LRS = ("1.0e-4", "2.0e-4", "4.0e-4")
@@ -78,6 +88,16 @@ STAGE3: dict[str, tuple[str, ...]] = {
 }
 ADOPT_P = 0.05
 TUNED = REPO / "bench" / "tuned.json"
+# The offline setting (``--setting offline``): the study's offline methods on the study's
+# fixed dataset of the base model's samples, the same 3 points each. The KL strength beta is
+# the knob there: with no fresh samples it alone bounds how far the dataset pulls the policy
+# (the online winners' beta 0.02 lost 9 points offline, docs/results.md).
+OFFLINE_ALGOS = ("embr_c", "embr_u", "dpo", "vrpo")
+OFFLINE_LR = "1.0e-4"
+OFFLINE_BETAS = ("0.05", "0.1", "0.2")
+# Relative to the repository root, where the sweep runs (as bench/repro.py names it).
+OFFLINE_DATA = Path("bench/records/repro/offline_base.jsonl")
+TUNED_OFFLINE = REPO / "bench" / "tuned_offline.json"
 DOCS = REPO / "docs" / "results.md"
 
 
@@ -161,9 +181,34 @@ def stage3(algos: list[str], steps: int, records: list[dict[str, Any]]) -> list[
     return jobs
 
 
+def offline_points(algos: list[str], steps: int, data: Path, rows: int) -> list[Job]:
+    """``OFFLINE_BETAS`` at ``OFFLINE_LR`` for each offline method, on the dataset ``data``."""
+    jobs = []
+    for a in algos:
+        for beta in OFFLINE_BETAS:
+            job = _job(
+                a, f"beta{beta}", (f"learner.lr={OFFLINE_LR}", f"algo.beta={beta}"), steps, 1
+            )
+            jobs.append(
+                dataclasses.replace(
+                    job,
+                    key=f"offline/{job.key}",
+                    overrides=(
+                        *job.overrides,
+                        "algo.mode=offline",
+                        f"buffer.offline_path={data}",
+                        f"buffer.offline_cache_dir={data.parent / 'cache'}",
+                        f"buffer.capacity={max(rows, 1)}",
+                    ),
+                )
+            )
+    return jobs
+
+
 def tuned_overrides(rec: dict[str, Any]) -> list[str]:
     """The winning point's overrides, less the algorithm name and seed."""
-    return [o for o in rec["overrides"] if not o.startswith(("algo.name=", "seed="))]
+    skip = ("algo.name=", "seed=", "algo.mode=", "buffer.offline_", "buffer.capacity=")
+    return [o for o in rec["overrides"] if not o.startswith(skip)]
 
 
 def report(records: list[dict[str, Any]], algos: list[str], steps: int) -> str:
@@ -215,7 +260,13 @@ def report(records: list[dict[str, Any]], algos: list[str], steps: int) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", type=Path, default=RECORDS / "sweep")
-    p.add_argument("--algos", default=",".join(ALGOS))
+    p.add_argument(
+        "--setting",
+        choices=("online", "offline"),
+        default="online",
+        help="offline: OFFLINE_ALGOS on the study's fixed dataset -> bench/tuned_offline.json",
+    )
+    p.add_argument("--algos", default=None, help="default: every method of the setting")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--processes", type=int, default=2)
     p.add_argument(
@@ -233,10 +284,13 @@ def main(argv: list[str] | None = None) -> int:
         help="docs/results.md's markers for --write-docs: <!-- BLOCK:begin --> ... :end -->",
     )
     args = p.parse_args(argv)
-    algos = [a.strip() for a in args.algos.split(",") if a.strip()]
-    bad = [a for a in algos if a not in ALGOS]
+    allowed = OFFLINE_ALGOS if args.setting == "offline" else ALGOS
+    algos = [a.strip() for a in (args.algos or ",".join(allowed)).split(",") if a.strip()]
+    bad = [a for a in algos if a not in allowed]
     if bad:
-        p.error(f"unknown algorithm {bad[0]!r}; allowed: {', '.join(ALGOS)}")
+        p.error(f"unknown {args.setting} algorithm {bad[0]!r}; allowed: {', '.join(allowed)}")
+    if args.setting == "offline":
+        return _offline_main(args, algos)
     path = args.out / "sweep.jsonl"
     if not args.report_only:
         run_many(stage1(algos, args.steps), path, processes=args.processes)
@@ -259,6 +313,39 @@ def main(argv: list[str] | None = None) -> int:
     if args.write_docs:
         write_block(DOCS, *markers(args.block), (args.out / "sweep.md").read_text())
     print((args.out / "sweep.md").read_text())
+    return 0
+
+
+def _offline_main(args: argparse.Namespace, algos: list[str]) -> int:
+    path = args.out / "offline.jsonl"
+    if not args.report_only:
+        if not OFFLINE_DATA.exists():
+            # The study's dataset (bench/repro.py makes the same one with its defaults).
+            make_offline_dataset(OFFLINE_DATA, 32)
+        rows = sum(1 for _ in OFFLINE_DATA.open())
+        run_many(
+            offline_points(algos, args.steps, OFFLINE_DATA, rows), path, processes=args.processes
+        )
+    records = read_records(path)
+    text = report(records, algos, args.steps).replace(
+        "from the shipped base model.",
+        f"offline on the study's fixed dataset of the base model's samples "
+        f"({OFFLINE_DATA}), learning rate {OFFLINE_LR}.",
+    )
+    (args.out / "offline.md").write_text(text)
+    tuned = json.loads(TUNED_OFFLINE.read_text()) if TUNED_OFFLINE.exists() else {}
+    for a in algos:
+        if any(r["algo"] == a for r in records):
+            b = best(records, a)
+            tuned[a] = {
+                "overrides": tuned_overrides(b),
+                "validation_accuracy": b["final_accuracy"],
+                "steps": args.steps,
+            }
+    TUNED_OFFLINE.write_text(json.dumps(tuned, indent=2, sort_keys=True) + "\n")
+    if args.write_docs:
+        write_block(DOCS, *markers(args.block), text)
+    print(text)
     return 0
 
 
