@@ -93,8 +93,10 @@ STALE: dict[str, tuple[str, ...]] = {
 # The offline setting (the paper's Table 2 claim): one fixed dataset of the base model's
 # scored samples, no rollouts; EMBR against the preference objectives on the same rows.
 OFFLINE = ("embr_c", "embr_u", "dpo", "vrpo")
-# The sweep tunes online methods only: an offline method it did not tune takes the learning
-# rate every online method's sweep chose.
+# The offline settings come from `bench/sweep.py --setting offline` (bench/tuned_offline.json,
+# the same points for each offline method); without that file an EMBR variant takes its
+# online settings and DPO/VRPO this learning rate.
+TUNED_OFFLINE = REPO / "bench" / "tuned_offline.json"
 OFFLINE_UNTUNED: tuple[str, ...] = ("learner.lr=1.0e-4",)
 OFFLINE_DATA = "offline_base.jsonl"
 SETTINGS = ("online", "stale", "offline")
@@ -118,6 +120,18 @@ def tuned_overrides(algo: str, tuned: Mapping[str, Any]) -> list[str]:
             f"`.venv/bin/python bench/sweep.py --algos {algo}` first (or pass --untuned)"
         )
     return list(tuned[algo]["overrides"])
+
+
+def offline_settings(
+    algo: str, tuned: Mapping[str, Any] | None, tuned_offline: Mapping[str, Any] | None
+) -> list[str]:
+    """An offline method's overrides: the offline sweep's, else its online ones, else
+    :data:`OFFLINE_UNTUNED`; ``tuned`` None (``--untuned``): the defaults."""
+    if tuned is None:
+        return []
+    if tuned_offline and algo in tuned_offline:
+        return list(tuned_offline[algo]["overrides"])
+    return list(tuned[algo]["overrides"]) if algo in tuned else list(OFFLINE_UNTUNED)
 
 
 def _offline_jobs(
@@ -168,19 +182,18 @@ def plan(
     algos: Sequence[str] = ONLINE,
     offline_data: Path | None = None,
     offline_rows: int = 0,
+    tuned_offline: Mapping[str, Any] | None = None,
 ) -> list[Job]:
     """The base-model evaluation, then every run, seed-major (an interrupted study holds whole
     seeds); the online setting runs ``algos``, the offline one :data:`OFFLINE` on
-    ``offline_data`` (``offline_rows`` rows). ``tuned`` None: every method at the schema
-    defaults of configs/demo.yaml."""
+    ``offline_data`` (``offline_rows`` rows) at ``tuned_offline``'s settings where it has
+    them. ``tuned`` None: every method at the schema defaults of configs/demo.yaml."""
 
     def settings_of(algo: str) -> list[str]:
         return [] if tuned is None else tuned_overrides(algo, tuned)
 
     def offline_of(algo: str) -> list[str]:
-        if tuned is not None and algo not in tuned:
-            return list(OFFLINE_UNTUNED)
-        return settings_of(algo)
+        return offline_settings(algo, tuned, tuned_offline)
 
     jobs = [Job("base", ("seed=0",), 0, "test", (0,), meta={"setting": "base"})]
     for seed in seeds:
@@ -413,10 +426,12 @@ def build_report(  # noqa: C901, PLR0912, PLR0915  (report assembly, one table a
     image: str = "curves.png",
     sweep_points: Mapping[str, int] | None = None,
     earlier: Sequence[Changed] = (),
+    tuned_offline: Mapping[str, Any] | None = None,
 ) -> str:
     """The study's markdown, from the records alone (``sweep_points``: each method's points in
     the sweep's records, its tuning budget; ``earlier``: the records run at settings other
-    than the plan's now, as :func:`bench.localrun.changed_records` lists them)."""
+    than the plan's now, as :func:`bench.localrun.changed_records` lists them;
+    ``tuned_offline``: the offline sweep's choices, when it ran)."""
     base_rec = next((r for r in records if r.get("setting") == "base"), None)
     if base_rec is None:
         raise ValueError("no base-model evaluation in the records")
@@ -474,7 +489,7 @@ def build_report(  # noqa: C901, PLR0912, PLR0915  (report assembly, one table a
         lines += [
             "",
             f"**Runs at earlier settings.** {len(earlier)} records were run before "
-            "`bench/tuned.json` last changed and have not been rerun; their tables and the "
+            "`bench/tuned.json` (or `bench/tuned_offline.json`) last changed and have not been rerun; their tables and the "
             "claims that use them mix those settings with the ones above (recorded -> "
             "planned now):",
             "",
@@ -573,10 +588,33 @@ def build_report(  # noqa: C901, PLR0912, PLR0915  (report assembly, one table a
             "",
             f"{offline_rows(offline)} scored rows ({OFFLINE_DATA}: the base model's rollouts, "
             "16 prompts x 8 completions per round), no rollouts during training; the same "
-            "learner steps as online. DPO-ELBO and VRPO take the learning rate the online "
-            "sweep chose for every method (they are not in the sweep).",
+            "learner steps as online. "
+            + (
+                "Each method at the settings the offline validation sweep chose for it "
+                "(`bench/sweep.py --setting offline`, `bench/tuned_offline.json`: the same "
+                "points for each):"
+                if tuned_offline
+                else "EMBR-C and EMBR-U at their online settings; DPO-ELBO and VRPO at "
+                f"`{' '.join(OFFLINE_UNTUNED)}` (no offline sweep on record)."
+            ),
             "",
         ]
+        if tuned_offline:
+            lines += [
+                _table(
+                    ["method", "overrides", "validation accuracy in the offline sweep"],
+                    [
+                        [
+                            LABELS[a],
+                            "`" + " ".join(tuned_offline[a]["overrides"]) + "`",
+                            f"{100 * tuned_offline[a]['validation_accuracy']:.1f}%",
+                        ]
+                        for a in offline
+                        if a in tuned_offline
+                    ],
+                ),
+                "",
+            ]
         lines.append(
             _table(
                 ["method", "runs", "final accuracy (%)", "gain over base (points)", "per seed (%)"],
@@ -627,7 +665,9 @@ def build_report(  # noqa: C901, PLR0912, PLR0915  (report assembly, one table a
     off_pref = [a for a in ("dpo", "vrpo") if a in offline]
     if off_embr and off_pref:
         off_final = {a: t_interval(_final(r)) for a, r in offline.items()}
-        pick, why = chosen_embr(off_embr, tuned)
+        pick, why = chosen_embr(off_embr, tuned_offline or tuned)
+        if tuned_offline:
+            why = why.replace("validation sweep", "offline validation sweep")
         best_p = max(off_pref, key=lambda a: off_final[a].mean)
         d = _paired_diff(offline[pick], offline[best_p])
         claims.append(
@@ -754,6 +794,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if any(k < 1 for k in stale_k):
         p.error("--stale-k values must be >= 1 (K = 0 is the online setting)")
     tuned = None if args.untuned else (json.loads(TUNED.read_text()) if TUNED.exists() else {})
+    tuned_offline = (
+        json.loads(TUNED_OFFLINE.read_text())
+        if not args.untuned and TUNED_OFFLINE.exists()
+        else None
+    )
     path = args.out / "results.jsonl"
     log_path = args.out / "commands.jsonl"
     data = args.out / OFFLINE_DATA
@@ -774,6 +819,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 algos=algos,
                 offline_data=data,
                 offline_rows=rows,
+                tuned_offline=tuned_offline,
             )
         except KeyError as exc:
             p.error(str(exc.args[0]))
@@ -791,7 +837,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if base is None:
         p.error(f"{path} holds no base-model evaluation; run the study first")
     curves = plot(records, float(base["final_accuracy"]), args.out / "curves.png")
-    report = build_report(records, tuned, commands, sweep_points=sweep_points(), earlier=earlier)
+    report = build_report(
+        records,
+        tuned,
+        commands,
+        sweep_points=sweep_points(),
+        earlier=earlier,
+        tuned_offline=tuned_offline,
+    )
     (args.out / "report.md").write_text(report)
     if args.write_docs:
         img = DOCS_IMG if args.block == "repro" else DOCS_IMG.with_name(f"{args.block}_curves.png")

@@ -82,6 +82,41 @@ def test_plan_offline_runs_on_the_dataset_with_untuned_preference_losses(tmp_pat
         repro.plan([0], ["offline"], steps=2, eval_every=1, stale_k=[], tuned=TUNED)
 
 
+def test_plan_offline_takes_the_offline_sweeps_settings_first(tmp_path: Path) -> None:
+    off = {"dpo": {"overrides": ["learner.lr=1.0e-4", "algo.beta=0.2"], "validation_accuracy": 0.3},
+           "embr_c": {"overrides": ["learner.lr=1.0e-4", "algo.beta=0.1"], "validation_accuracy": 0.3}}  # fmt: skip
+    jobs = repro.plan([0], ["offline"], steps=4, eval_every=2, stale_k=[], tuned=TUNED,
+                      offline_data=tmp_path / "d.jsonl", offline_rows=64, tuned_offline=off)  # fmt: skip
+    by = {j.key.split("/")[1]: j.overrides for j in jobs if j.key != "base"}
+    assert "algo.beta=0.2" in by["dpo"] and "algo.beta=0.1" in by["embr_c"]
+    assert set(TUNED["embr_u"]["overrides"]) <= set(by["embr_u"])  # not in the offline sweep
+    assert "learner.lr=1.0e-4" in by["vrpo"] and not any("beta" in o for o in by["vrpo"])
+    assert repro.offline_settings("dpo", None, off) == []  # --untuned
+    recs = _records()
+    for seed in range(2):
+        for a in repro.OFFLINE:
+            recs.append(_rec("offline", a, seed, 0.2 + 0.01 * seed, samples=64))
+    text = repro.build_report(recs, TUNED, [], tuned_offline=off)
+    assert "the offline validation sweep chose" in text
+    assert "| DPO-ELBO | `learner.lr=1.0e-4 algo.beta=0.2` | 30.0% |" in text
+    assert "(no offline sweep on record)" in repro.build_report(recs, TUNED, [])
+
+
+def test_sweep_offline_points_run_each_method_on_the_studys_dataset() -> None:
+    data = Path("bench/records/repro/offline_base.jsonl")
+    jobs = sweep.offline_points(list(sweep.OFFLINE_ALGOS), 10, data, 4096)
+    assert len(jobs) == len(sweep.OFFLINE_ALGOS) * len(sweep.OFFLINE_BETAS)
+    assert all(j.eval_split == "validation" and j.key.startswith("offline/") for j in jobs)
+    assert all("algo.mode=offline" in j.overrides and f"buffer.offline_path={data}" in j.overrides
+               for j in jobs)  # fmt: skip
+    assert sweep.tuned_overrides({"overrides": list(jobs[0].overrides)}) == [
+        f"learner.lr={sweep.OFFLINE_LR}",
+        f"algo.beta={sweep.OFFLINE_BETAS[0]}",
+    ]
+    assert set(sweep.OFFLINE_ALGOS) == set(repro.OFFLINE)
+    assert str(sweep.OFFLINE_DATA) == f"bench/records/repro/{repro.OFFLINE_DATA}"
+
+
 def test_plan_names_the_command_when_a_method_was_not_swept() -> None:
     with pytest.raises(KeyError, match=r"bench/sweep\.py --algos embr_e"):
         repro.plan(
