@@ -306,7 +306,7 @@ def test_write_docs_replaces_only_the_marked_block(tmp_path: Path) -> None:
 
 def test_the_docs_hold_the_markers() -> None:
     text = repro.DOCS.read_text()
-    blocks = ("sweep", "sweep-baselines", "plateau")
+    blocks = ("sweep", "sweep-baselines", "sweep-offline", "plateau")
     for begin, end in ((repro.BEGIN, repro.END), *(sweep.markers(b) for b in blocks)):
         assert text.count(begin) == 1 and text.count(end) == 1
 
@@ -399,6 +399,27 @@ def test_tuned_settings_come_from_the_sweep() -> None:
         assert 0.0 <= entry["validation_accuracy"] <= 1.0
         load_config(
             str(repro.REPO / "configs" / "demo.yaml"), [f"algo.name={a}", *entry["overrides"]]
+        )
+
+
+def test_tuned_offline_settings_come_from_the_offline_sweep() -> None:
+    """bench/tuned_offline.json: one entry per offline method, overrides the offline runs
+    accept (bench/sweep.py --setting offline wrote it)."""
+    from embr_rl.core.config import load_config
+
+    tuned = json.loads(repro.TUNED_OFFLINE.read_text())
+    assert set(tuned) == set(repro.OFFLINE)
+    for a, entry in tuned.items():
+        assert 0.0 <= entry["validation_accuracy"] <= 1.0
+        assert not any(o.startswith(("algo.mode=", "buffer.")) for o in entry["overrides"])
+        load_config(
+            str(repro.REPO / "configs" / "demo.yaml"),
+            [
+                f"algo.name={a}",
+                "algo.mode=offline",
+                "buffer.offline_path=x.jsonl",
+                *entry["overrides"],
+            ],
         )
 
 
