@@ -222,6 +222,26 @@ def changed_records(jobs: Sequence[Job], out: Path) -> list[Changed]:
     return changed
 
 
+def retire_changed(jobs: Sequence[Job], out: Path) -> list[Changed]:
+    """Move the records of ``out`` that :func:`changed_records` lists (every line of their keys)
+    to ``<out stem>.retired.jsonl`` beside it, so that :func:`run_many` runs those jobs again
+    at the plan's settings; nothing is deleted. Returns what was retired."""
+    changed = changed_records(jobs, out)
+    if not changed:
+        return []
+    keys = {c.key for c in changed}
+    keep, gone = [], []
+    for line in out.read_text().splitlines():
+        if line.strip():
+            (gone if json.loads(line)["key"] in keys else keep).append(line + "\n")
+    with out.with_name(out.stem + ".retired.jsonl").open("a") as f:
+        f.writelines(gone)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text("".join(keep))
+    tmp.replace(out)
+    return changed
+
+
 def run_many(
     jobs: Sequence[Job],
     out: Path,
@@ -239,7 +259,8 @@ def run_many(
         )
         raise ValueError(
             f"{out} holds finished runs whose settings differ from the plan now ({shown}); "
-            "delete those records (or pass another --out) to run them again"
+            "retire those records (bench/repro.py --rerun-changed moves them to "
+            "<name>.retired.jsonl) or pass another --out to run them again"
         )
     finished = done_keys(out)
     todo = [j for j in jobs if j.key not in finished]

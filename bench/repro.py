@@ -59,6 +59,7 @@ from bench.localrun import (
     make_offline_dataset,
     markers,
     read_records,
+    retire_changed,
     run_many,
     write_block,
 )
@@ -745,7 +746,7 @@ def run_logged(
     return ran
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", type=Path, default=RECORDS / "repro")
     p.add_argument("--seeds", default="0,1,2,3,4")
@@ -764,6 +765,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--algos", default=",".join(ONLINE), help="the online setting's methods (comma-separated)"
     )
     p.add_argument("--untuned", action="store_true", help="every method at the demo's defaults")
+    p.add_argument(
+        "--rerun-changed",
+        action="store_true",
+        help="move records run at settings other than the plan's to results.retired.jsonl "
+        "and run them again (without it such records stop the study)",
+    )
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--write-docs", action="store_true")
     p.add_argument(
@@ -772,7 +779,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="docs/results.md's markers for --write-docs (<!-- BLOCK:begin -->); the curves go "
         "to docs/img/BLOCK_curves.png",
     )
-    args = p.parse_args(argv)
+    return p
+
+
+def _lists(
+    p: argparse.ArgumentParser, args: argparse.Namespace
+) -> tuple[list[str], list[int], list[int], list[str]]:
+    """``--algos``, ``--seeds``, ``--stale-k`` and ``--settings`` checked, as lists."""
     algos = [a.strip() for a in args.algos.split(",") if a.strip()]
     bad_algos = [a for a in algos if a not in ONLINE]
     if bad_algos or not algos:
@@ -793,6 +806,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error(f"unknown setting {bad[0] if bad else ''!r}; allowed: {', '.join(SETTINGS)}")
     if any(k < 1 for k in stale_k):
         p.error("--stale-k values must be >= 1 (K = 0 is the online setting)")
+    return algos, seeds, stale_k, settings
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = _parser()
+    args = p.parse_args(argv)
+    algos, seeds, stale_k, settings = _lists(p, args)
     tuned = None if args.untuned else (json.loads(TUNED.read_text()) if TUNED.exists() else {})
     tuned_offline = (
         json.loads(TUNED_OFFLINE.read_text())
@@ -824,6 +844,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except KeyError as exc:
             p.error(str(exc.args[0]))
 
+    if args.rerun_changed and not args.report_only:
+        for c in retire_changed(planned(settings, algos), path):
+            print(f"retired (to rerun at the plan's settings): {c}")
     if not args.report_only:
         cmd = shlex.join([".venv/bin/python", "bench/repro.py", *(argv or sys.argv[1:])])
         run_logged(planned(settings, algos), path, log_path, cmd, processes=args.processes)

@@ -20,6 +20,7 @@ from bench.localrun import (
     done_keys,
     make_offline_dataset,
     read_records,
+    retire_changed,
     run_many,
     run_one,
 )
@@ -279,8 +280,17 @@ def test_a_record_run_at_other_settings_is_refused_not_reused(tmp_path: Path) ->
     moved = dataclasses.replace(same, overrides=("algo.name=embr_u", "learner.lr=2e-4"))
     (c,) = changed_records([moved], out)
     assert str(c) == f"{old['key']}: learner.lr=1e-4 -> learner.lr=2e-4"
-    with pytest.raises(ValueError, match="delete those records"):
+    with pytest.raises(ValueError, match="retire those records"):
         run_many([moved], out, processes=1, log=lambda _: None)
+    # Retired: moved beside the records, nothing lost; the job is then to run again.
+    other = _rec("online", "d1", 0, 0.2) | {"overrides": ["algo.name=d1"]}
+    with out.open("a") as f:
+        f.write(json.dumps(other) + "\n")
+    d1 = Job(other["key"], ("algo.name=d1",), 20, "test", (20,))
+    assert [x.key for x in retire_changed([moved, d1], out)] == [old["key"]]
+    assert [r["key"] for r in read_records(out)] == [other["key"]]
+    assert json.loads((tmp_path / "results.retired.jsonl").read_text()) == old
+    assert changed_records([moved, d1], out) == [] and retire_changed([moved, d1], out) == []
 
 
 def test_report_lists_runs_at_earlier_settings_and_flags_their_claims() -> None:
