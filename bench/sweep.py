@@ -299,8 +299,21 @@ def main(argv: list[str] | None = None) -> int:
         if args.stages == 3:
             run_many(stage3(algos, args.steps, read_records(path)), path, processes=args.processes)
     records = read_records(path)
-    (args.out / "sweep.md").write_text(report(records, algos, args.steps))
-    tuned = json.loads(TUNED.read_text()) if TUNED.exists() else {}
+    return _publish(records, algos, args, report(records, algos, args.steps), "sweep.md", TUNED)
+
+
+def _publish(
+    records: list[dict[str, Any]],
+    algos: list[str],
+    args: argparse.Namespace,
+    text: str,
+    name: str,
+    tuned_path: Path,
+) -> int:
+    """Write the tables to ``<out>/name`` (and docs with ``--write-docs``) and each swept
+    algorithm's winner into ``tuned_path``, keeping the other algorithms' entries."""
+    (args.out / name).write_text(text)
+    tuned = json.loads(tuned_path.read_text()) if tuned_path.exists() else {}
     for a in algos:
         if any(r["algo"] == a for r in records):
             b = best(records, a)
@@ -309,10 +322,10 @@ def main(argv: list[str] | None = None) -> int:
                 "validation_accuracy": b["final_accuracy"],
                 "steps": args.steps,
             }
-    TUNED.write_text(json.dumps(tuned, indent=2, sort_keys=True) + "\n")
+    tuned_path.write_text(json.dumps(tuned, indent=2, sort_keys=True) + "\n")
     if args.write_docs:
-        write_block(DOCS, *markers(args.block), (args.out / "sweep.md").read_text())
-    print((args.out / "sweep.md").read_text())
+        write_block(DOCS, *markers(args.block), text)
+    print(text)
     return 0
 
 
@@ -332,21 +345,7 @@ def _offline_main(args: argparse.Namespace, algos: list[str]) -> int:
         f"offline on the study's fixed dataset of the base model's samples "
         f"({OFFLINE_DATA}), learning rate {OFFLINE_LR}.",
     )
-    (args.out / "offline.md").write_text(text)
-    tuned = json.loads(TUNED_OFFLINE.read_text()) if TUNED_OFFLINE.exists() else {}
-    for a in algos:
-        if any(r["algo"] == a for r in records):
-            b = best(records, a)
-            tuned[a] = {
-                "overrides": tuned_overrides(b),
-                "validation_accuracy": b["final_accuracy"],
-                "steps": args.steps,
-            }
-    TUNED_OFFLINE.write_text(json.dumps(tuned, indent=2, sort_keys=True) + "\n")
-    if args.write_docs:
-        write_block(DOCS, *markers(args.block), text)
-    print(text)
-    return 0
+    return _publish(records, algos, args, text, "offline.md", TUNED_OFFLINE)
 
 
 if __name__ == "__main__":
