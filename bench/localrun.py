@@ -114,6 +114,21 @@ def run_one(job: Job) -> dict[str, Any]:
     return record
 
 
+# Rounds of the base model's rollouts in the study's offline dataset (bench/repro.py's
+# --offline-rounds default; bench/sweep.py --setting offline makes the same one).
+OFFLINE_ROUNDS = 32
+
+
+def offline_overrides(data: Path, rows: int) -> tuple[str, ...]:
+    """The overrides that train a job offline on the scored dataset ``data`` of ``rows`` rows."""
+    return (
+        "algo.mode=offline",
+        f"buffer.offline_path={data}",
+        f"buffer.offline_cache_dir={data.parent / 'cache'}",
+        f"buffer.capacity={max(rows, 1)}",
+    )
+
+
 def make_offline_dataset(path: Path, rounds: int, *, seed: int = 0) -> int:
     """Write ``rounds`` rollout batches of the base model (16 prompts x 8 completions each, the
     study's rounds, verifier-scored) to ``path`` as a scored offline dataset (docs/buffer.md:

@@ -50,6 +50,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.localrun import (
+    OFFLINE_ROUNDS,
     RECORDS,
     REPO,
     Changed,
@@ -58,6 +59,7 @@ from bench.localrun import (
     done_keys,
     make_offline_dataset,
     markers,
+    offline_overrides,
     read_records,
     retire_changed,
     run_many,
@@ -150,10 +152,7 @@ def _offline_jobs(
             (
                 f"algo.name={a}",
                 *settings_of(a),
-                "algo.mode=offline",
-                f"buffer.offline_path={data}",
-                f"buffer.offline_cache_dir={data.parent / 'cache'}",
-                f"buffer.capacity={max(rows, 1)}",
+                *offline_overrides(data, rows),
                 f"seed={seed}",
             ),
             steps,
@@ -757,7 +756,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--offline-rounds",
         type=int,
-        default=32,
+        default=OFFLINE_ROUNDS,
         help="rounds of 128 base-model rows in the offline dataset (made once, kept in --out)",
     )
     p.add_argument("--processes", type=int, default=2)

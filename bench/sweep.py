@@ -33,11 +33,13 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.localrun import (
+    OFFLINE_ROUNDS,
     RECORDS,
     REPO,
     Job,
     make_offline_dataset,
     markers,
+    offline_overrides,
     read_records,
     run_many,
     write_block,
@@ -172,7 +174,7 @@ def stage3(algos: list[str], steps: int, records: list[dict[str, Any]]) -> list[
     """One ``STAGE3_AXES`` setting at a time on each algorithm's stage-1/2 winner."""
     jobs = []
     for a in algos:
-        base = [o for o in tuned_overrides(best([r for r in records if r["stage"] < 3], a))]
+        base = tuned_overrides(best([r for r in records if r["stage"] < 3], a))
         for axis in STAGE3[a]:
             change = STAGE3_AXES[axis]
             keys = {c.split("=", 1)[0] for c in change}
@@ -193,13 +195,7 @@ def offline_points(algos: list[str], steps: int, data: Path, rows: int) -> list[
                 dataclasses.replace(
                     job,
                     key=f"offline/{job.key}",
-                    overrides=(
-                        *job.overrides,
-                        "algo.mode=offline",
-                        f"buffer.offline_path={data}",
-                        f"buffer.offline_cache_dir={data.parent / 'cache'}",
-                        f"buffer.capacity={max(rows, 1)}",
-                    ),
+                    overrides=(*job.overrides, *offline_overrides(data, rows)),
                 )
             )
     return jobs
@@ -211,11 +207,16 @@ def tuned_overrides(rec: dict[str, Any]) -> list[str]:
     return [o for o in rec["overrides"] if not o.startswith(skip)]
 
 
-def report(records: list[dict[str, Any]], algos: list[str], steps: int) -> str:
+def report(
+    records: list[dict[str, Any]],
+    algos: list[str],
+    steps: int,
+    source: str = "from the shipped base model",
+) -> str:
     """Markdown tables of every point and each algorithm's winner."""
     lines = [
         f"Validation accuracy (500 validation problems, greedy) after {steps} learner steps of "
-        "128 rows, seed 0, from the shipped base model.",
+        f"128 rows, seed 0, {source}.",
         "",
         "| algorithm | stage | point | validation accuracy | final training reward | seconds |",
         "|---|---|---|---|---|---|",
@@ -334,17 +335,17 @@ def _offline_main(args: argparse.Namespace, algos: list[str]) -> int:
     if not args.report_only:
         if not OFFLINE_DATA.exists():
             # The study's dataset (bench/repro.py makes the same one with its defaults).
-            make_offline_dataset(OFFLINE_DATA, 32)
+            make_offline_dataset(OFFLINE_DATA, OFFLINE_ROUNDS)
         rows = sum(1 for _ in OFFLINE_DATA.open())
         run_many(
             offline_points(algos, args.steps, OFFLINE_DATA, rows), path, processes=args.processes
         )
     records = read_records(path)
-    text = report(records, algos, args.steps).replace(
-        "from the shipped base model.",
-        f"offline on the study's fixed dataset of the base model's samples "
-        f"({OFFLINE_DATA}), learning rate {OFFLINE_LR}.",
+    source = (
+        f"offline on the study's fixed dataset of the base model's samples ({OFFLINE_DATA}), "
+        f"learning rate {OFFLINE_LR}"
     )
+    text = report(records, algos, args.steps, source)
     return _publish(records, algos, args, text, "offline.md", TUNED_OFFLINE)
 
 
