@@ -29,6 +29,11 @@ BASE_CONFIG = REPO / "configs" / "demo.yaml"
 # generated from them alone, and a study extended on another machine resumes from them.
 RECORDS = REPO / "bench" / "records"
 
+# The sweep's starting point: the algorithm settings configs/demo.yaml held when the sweep
+# ran (lr 2e-4 with linear decay, beta 0.05, no warm-up). Pinned so that the records of the
+# sweep and the study mean the same runs whatever the demo sets now (it took the sweep's
+# EMBR-E winner); every job's own overrides come after these and win.
+SWEEP_START: tuple[str, ...] = ("learner.lr=2.0e-4", "algo.beta=0.05", "learner.warmup_steps=0")
 # Every sweep and study run: Algorithm 1 in sync mode in one process, 16 prompts x 8
 # completions = one 128-row learner batch per step (the demo's batch), one verifier process.
 LOCAL_OVERRIDES: tuple[str, ...] = (
@@ -37,6 +42,7 @@ LOCAL_OVERRIDES: tuple[str, ...] = (
     "rollout.prompts_per_batch=16",
     "verifier.num_processes=1",
     "logging.progress=never",
+    *SWEEP_START,
 )
 
 
@@ -142,7 +148,9 @@ def make_offline_dataset(path: Path, rounds: int, *, seed: int = 0) -> int:
     from embr_rl.local_loop import LocalLoop
     from learner.learner import shutdown_distributed
 
-    cfg = load_config(str(BASE_CONFIG), [*LOCAL_OVERRIDES, f"seed={seed}"])
+    # EMBR-C, as when the committed dataset was drawn (the algorithm's traits set the rows'
+    # mask seeds, drawn from the same generator as the samples).
+    cfg = load_config(str(BASE_CONFIG), [*LOCAL_OVERRIDES, "algo.name=embr_c", f"seed={seed}"])
     loop = LocalLoop(cfg)
     tok = loop.loaded.tokenizer
     n = 0

@@ -29,6 +29,9 @@ SANITY = [
     "rollout.num_workers=1",
     "rollout.prompts_per_batch=16",
     "learner.lr_schedule=constant",
+    "learner.lr=2.0e-4",
+    "algo.beta=0.05",
+    "learner.warmup_steps=0",
 ]
 
 

@@ -3,8 +3,9 @@
 Reward ``even_answer`` (1.0 when the boxed answer is an even integer, right or wrong): the
 demo's base model earns it on about half of its samples. Every online algorithm must drive
 the rollout reward from that base rate to at least 95% within 100 learner steps, with its
-default settings (``configs/demo.yaml`` and the algorithm's defaults in ``embr_rl.core.config``),
-on the demo's 128-row learner batches. The loop is Algorithm 1 in one process
+default settings (``configs/demo.yaml`` and the algorithm's defaults in ``embr_rl.core.config``)
+at the sweep's starting point (lr 2e-4 held constant, beta 0.05, no warm-up), on the demo's
+128-row learner batches. The loop is Algorithm 1 in one process
 (:class:`embr_rl.local_loop.LocalLoop`), seeded, so a failure reproduces exactly; the
 algorithms run two at a time in their own processes (one torch thread each).
 """
@@ -53,8 +54,12 @@ def _curve(algo: str) -> list[float]:
             "rollout.num_workers=1",
             # One batch of the demo's online mode (2 workers x 8 prompts) per learner step.
             "rollout.prompts_per_batch=16",
-            # The demo's step size, held: the demo decays it over its own 150 steps.
+            # The sweep's starting point (bench/localrun.py's SWEEP_START), lr held constant:
+            # the settings every algorithm's sanity curve in docs/results.md was measured at.
             "learner.lr_schedule=constant",
+            "learner.lr=2.0e-4",
+            "algo.beta=0.05",
+            "learner.warmup_steps=0",
         ],
     )
     loop = LocalLoop(cfg)

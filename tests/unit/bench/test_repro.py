@@ -412,6 +412,20 @@ def test_tuned_settings_come_from_the_sweep() -> None:
         )
 
 
+def test_demo_runs_the_sweeps_embr_winner() -> None:
+    """configs/demo.yaml runs the EMBR variant the validation sweep ranks first, at that
+    variant's tuned settings (bench/tuned.json), and at the study's horizon."""
+    from embr_rl.core.config import load_config
+
+    tuned = json.loads(repro.TUNED.read_text())
+    pick, _ = repro.chosen_embr(repro.EMBR, tuned)
+    path = str(repro.REPO / "configs" / "demo.yaml")
+    demo = load_config(path)
+    assert demo.algo.name == pick
+    assert demo == load_config(path, tuned[pick]["overrides"])
+    assert demo.learner.total_steps == repro.DEFAULT_STEPS
+
+
 def test_tuned_offline_settings_come_from_the_offline_sweep() -> None:
     """bench/tuned_offline.json: one entry per offline method, overrides the offline runs
     accept (bench/sweep.py --setting offline wrote it)."""
