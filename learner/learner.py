@@ -136,6 +136,17 @@ def lr_factor(step: int, cfg: LearnerConfig) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def seeded_energy_head(hidden_size: int, hidden: int, seed: int) -> nn.Module:
+    """EMBR-E's ``c_phi`` initialised from ``seed`` alone, on every rank and in every process;
+    the global generator is left as it was. (Drawn from the global generator, its first layer
+    differed with whatever ran before it: two EMBR-E runs of one seed did not agree.)"""
+    from embr_rl.core.models import EnergyHead
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(np.random.SeedSequence([seed, 0xE7]).generate_state(1)[0]))
+        return EnergyHead(hidden_size, hidden)
+
+
 class _Trainable(nn.Module):
     """What the engine owns: the policy and, for EMBR-E, the energy head."""
 
@@ -205,11 +216,9 @@ class Learner:
         policy.train()
         head = None
         if traits.energy_head:
-            from embr_rl.core.models import EnergyHead
-
-            head = EnergyHead(int(policy.config.hidden_size), algo.value_head_hidden).to(
-                self.device
-            )
+            head = seeded_energy_head(
+                int(policy.config.hidden_size), algo.value_head_hidden, seed
+            ).to(self.device)
         trainable = _Trainable(policy, head)
         params = [p for p in trainable.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(
