@@ -250,19 +250,27 @@ def retire_changed(jobs: Sequence[Job], out: Path) -> list[Changed]:
     to ``<out stem>.retired.jsonl`` beside it, so that :func:`run_many` runs those jobs again
     at the plan's settings; nothing is deleted. Returns what was retired."""
     changed = changed_records(jobs, out)
-    if not changed:
-        return []
-    keys = {c.key for c in changed}
+    if changed:
+        retire_keys(out, {c.key for c in changed})
+    return changed
+
+
+def retire_keys(out: Path, keys: set[str]) -> int:
+    """Move every line of ``out`` whose key is in ``keys`` to ``<out stem>.retired.jsonl``
+    beside it (appended; nothing is deleted); returns how many lines moved."""
+    if not keys or not out.exists():
+        return 0
     keep, gone = [], []
     for line in out.read_text().splitlines():
         if line.strip():
             (gone if json.loads(line)["key"] in keys else keep).append(line + "\n")
-    with out.with_name(out.stem + ".retired.jsonl").open("a") as f:
-        f.writelines(gone)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text("".join(keep))
-    tmp.replace(out)
-    return changed
+    if gone:
+        with out.with_name(out.stem + ".retired.jsonl").open("a") as f:
+            f.writelines(gone)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text("".join(keep))
+        tmp.replace(out)
+    return len(gone)
 
 
 def run_many(

@@ -62,6 +62,7 @@ from bench.localrun import (
     offline_overrides,
     read_records,
     retire_changed,
+    retire_keys,
     run_many,
     write_block,
 )
@@ -788,6 +789,13 @@ def _parser() -> argparse.ArgumentParser:
         help="move records run at settings other than the plan's to results.retired.jsonl "
         "and run them again (without it such records stop the study)",
     )
+    p.add_argument(
+        "--rerun",
+        default="",
+        help="comma-separated key prefixes (e.g. online/embr_e/): move the planned runs' "
+        "records under them to results.retired.jsonl and run them again, after a code change "
+        "their overrides cannot show",
+    )
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--write-docs", action="store_true")
     p.add_argument(
@@ -864,6 +872,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.rerun_changed and not args.report_only:
         for c in retire_changed(planned(settings, algos), path):
             print(f"retired (to rerun at the plan's settings): {c}")
+    prefixes = [x for x in args.rerun.split(",") if x]
+    if prefixes and not args.report_only:
+        keys = {j.key for j in planned(settings, algos) if j.key.startswith(tuple(prefixes))}
+        if not keys:
+            p.error(f"--rerun {args.rerun!r} names none of the planned runs' keys")
+        print(f"retired (to rerun): {retire_keys(path, keys)} records under {', '.join(prefixes)}")
     if not args.report_only:
         cmd = shlex.join([".venv/bin/python", "bench/repro.py", *(argv or sys.argv[1:])])
         run_logged(planned(settings, algos), path, log_path, cmd, processes=args.processes)

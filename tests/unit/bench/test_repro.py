@@ -21,6 +21,7 @@ from bench.localrun import (
     make_offline_dataset,
     read_records,
     retire_changed,
+    retire_keys,
     run_many,
     run_one,
 )
@@ -291,6 +292,18 @@ def test_a_record_run_at_other_settings_is_refused_not_reused(tmp_path: Path) ->
     assert [r["key"] for r in read_records(out)] == [other["key"]]
     assert json.loads((tmp_path / "results.retired.jsonl").read_text()) == old
     assert changed_records([moved, d1], out) == [] and retire_changed([moved, d1], out) == []
+
+
+def test_retire_keys_moves_only_the_named_records(tmp_path: Path) -> None:
+    out = tmp_path / "results.jsonl"
+    recs = [_rec("online", a, s, 0.3) for a in ("embr_e", "d1") for s in (0, 1)]
+    out.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    gone = {r["key"] for r in recs if r["key"].startswith("online/embr_e/")}
+    assert retire_keys(out, gone) == 2
+    assert [r["key"] for r in read_records(out)] == [r["key"] for r in recs[2:]]
+    retired = tmp_path / "results.retired.jsonl"
+    assert {json.loads(x)["key"] for x in retired.read_text().splitlines()} == gone
+    assert retire_keys(out, gone) == 0 and len(retired.read_text().splitlines()) == 2
 
 
 def test_report_lists_runs_at_earlier_settings_and_flags_their_claims() -> None:
