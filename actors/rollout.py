@@ -452,7 +452,9 @@ class RolloutWorker:
         rows = []
         for i, (ids, score) in enumerate(zip(out.completion_ids.tolist(), scores, strict=True)):
             p, j = problems[i // self.group_size], i % self.group_size
-            group = f"{self.worker_id}-{nonce}-{i // self.group_size}"
+            # The learner numbers groups in sorted order of this id: the worker and batch
+            # come before the random nonce, so two workers' groups sort the same every run.
+            group = f"{self.worker_id}-{batch}-{nonce}-{i // self.group_size}"
             rows.append(
                 {
                     "sample_id": f"{group}-{j}",
