@@ -701,7 +701,7 @@ def build_report(  # noqa: C901, PLR0912, PLR0915  (report assembly, one table a
         c_drop = _paired_diff(c_runs, online[pick])
         d = _paired_diff(c_runs, d_runs)
         loss = (
-            "no significant loss"
+            "no significant loss at this power"
             if c_drop.n > 1 and c_drop.lo <= 0 <= c_drop.hi
             else verdict(c_drop)
         )

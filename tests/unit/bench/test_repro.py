@@ -56,7 +56,7 @@ def test_plan_runs_every_method_per_seed_with_its_tuned_settings() -> None:
     )
     keys = [j.key for j in jobs]
     assert keys[0] == "base" and len(keys) == len(set(keys))
-    assert len(jobs) == 1 + 2 * (len(repro.ONLINE) + 2)
+    assert len(jobs) == 1 + 2 * (len(repro.ONLINE) + len(repro.STALE))
     d1 = next(j for j in jobs if j.key == "online/d1/seed1")
     assert "learner.lr=4e-4" in d1.overrides and "seed=1" in d1.overrides
     assert d1.eval_at == (15, 30, 45, 60) and d1.eval_split == "test"
