@@ -18,6 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.localrun import SWEEP_START
 from embr_rl.core.config import load_config
 from embr_rl.local_loop import LocalLoop, StepRecord
 from learner.learner import shutdown_distributed
@@ -29,9 +30,7 @@ SANITY = [
     "rollout.num_workers=1",
     "rollout.prompts_per_batch=16",
     "learner.lr_schedule=constant",
-    "learner.lr=2.0e-4",
-    "algo.beta=0.05",
-    "learner.warmup_steps=0",
+    *SWEEP_START,
 ]
 
 

@@ -18,6 +18,7 @@ from concurrent.futures import ProcessPoolExecutor
 import pytest
 import torch
 
+from bench.localrun import SWEEP_START
 from embr_rl.core.config import load_config
 from embr_rl.local_loop import LocalLoop, StepRecord
 from learner.learner import shutdown_distributed
@@ -57,9 +58,7 @@ def _curve(algo: str) -> list[float]:
             # The sweep's starting point (bench/localrun.py's SWEEP_START), lr held constant:
             # the settings every algorithm's sanity curve in docs/results.md was measured at.
             "learner.lr_schedule=constant",
-            "learner.lr=2.0e-4",
-            "algo.beta=0.05",
-            "learner.warmup_steps=0",
+            *SWEEP_START,
         ],
     )
     loop = LocalLoop(cfg)

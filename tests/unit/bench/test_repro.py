@@ -306,6 +306,17 @@ def test_retire_keys_moves_only_the_named_records(tmp_path: Path) -> None:
     assert retire_keys(out, gone) == 0 and len(retired.read_text().splitlines()) == 2
 
 
+def test_rerun_naming_no_planned_run_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "r"
+    with pytest.raises(SystemExit) as exc:
+        repro.main(["--out", str(out), "--settings", "online", "--rerun", "online/ppo/"])
+    assert exc.value.code == 2
+    assert "--rerun 'online/ppo/' names none of the planned runs' keys" in capsys.readouterr().err
+    assert not (out / "results.jsonl").exists()  # nothing ran, nothing retired
+
+
 def test_report_lists_runs_at_earlier_settings_and_flags_their_claims() -> None:
     earlier = [Changed(f"online/d1/seed{s}", (), ("algo.kl_coef=0.0",)) for s in (0, 1)]
     text = repro.build_report(_records(), TUNED, [], earlier=earlier)
